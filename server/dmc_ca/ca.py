@@ -1,0 +1,394 @@
+"""The certificate authority's logic, free of gRPC: who may get which certificate.
+
+Renew and Delegate read only the store's in-memory view (SPEC §5), so they need no etcd
+round trip; Bootstrap spends its token in an etcd transaction, and Admin writes go to etcd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+from dmc.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from dmc.scope import (
+    MAX_DEPTH,
+    DelegationScope,
+    derive_delegated_scope,
+    permits_method,
+    validate_audience,
+    validate_permission,
+)
+from dmc.spiffe_id import SpiffeId
+from dmc.svid import Svid, parse_svid
+from dmc_ca.authorities import TrustBundle, bundle_of, unseal_authority
+from dmc_ca.csr import check_csr
+from dmc_ca.model import AuthorityState, Entry, JoinToken
+from dmc_ca.profile import SigningAuthority, issue_svid
+from dmc_ca.store import Store
+
+__all__ = [
+    "ADMIN_PATH",
+    "DEFAULT_SVID_TTL_SECONDS",
+    "CertificateAuthority",
+    "IssuedSvid",
+    "admin_entry",
+]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_SVID_TTL_SECONDS = 3600
+# Upper bounds that keep durations inside what X.509 and datetime can hold, and inside what
+# an operator would mean; anything longer is a mistake in the request.
+MAX_TTL_SECONDS = 366 * 24 * 3600
+MAX_TOKEN_TTL_SECONDS = 30 * 24 * 3600
+# SPEC §4: the admin identity's entry, created by `init` and `dev`, never deleted.
+ADMIN_PATH = "/dmc/admin"
+ADMIN_PERMISSIONS = ("/dmc.v1.Admin/*",)
+# The CA's own serving identity.
+CA_PATH = "/dmc/ca"
+
+_PARSED_CACHE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSvid:
+    """A freshly issued SVID: its chain (leaf first, no root) and the bundle of the day."""
+
+    chain: tuple[x509.Certificate, ...]
+    bundle: TrustBundle
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def admin_entry(trust_domain: str, svid_ttl_seconds: int, now: datetime) -> Entry:
+    """The admin identity's registration entry (SPEC §4)."""
+    return Entry(
+        spiffe_id=SpiffeId.parse(f"spiffe://{trust_domain}{ADMIN_PATH}"),
+        permissions=ADMIN_PERMISSIONS,
+        audiences=(),
+        max_depth=0,
+        svid_ttl_seconds=svid_ttl_seconds,
+        dns_names=(),
+        created_at=now,
+    )
+
+
+def token_hash(token: str) -> str:
+    """The SHA-256 under which a join token is stored; the token itself never is."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _check_ttl(ttl_seconds: int, what: str, maximum: int) -> None:
+    if ttl_seconds <= 0:
+        raise InvalidArgument(f"{what} must be positive, got {ttl_seconds} s")
+    if ttl_seconds > maximum:
+        raise InvalidArgument(f"{what} of {ttl_seconds} s is longer than the maximum {maximum} s")
+
+
+class CertificateAuthority:
+    """Issues SVIDs for one trust domain from the store's view of etcd."""
+
+    def __init__(
+        self,
+        store: Store,
+        kek: bytes,
+        trust_domain: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._kek = kek
+        self.trust_domain = trust_domain
+        self._clock = clock
+        self._signing: dict[str, SigningAuthority] = {}
+        self._parsed: dict[bytes, Svid] = {}
+
+    # -- state read from the view ----------------------------------------------------------
+
+    def bundle(self) -> TrustBundle:
+        """The current trust bundle, from the in-memory view."""
+        view = self._store.view
+        return bundle_of(self.trust_domain, view.bundle_sequence, list(view.authorities.values()))
+
+    def signing_authority(self) -> SigningAuthority:
+        """The ACTIVE authority, unsealed once and cached by its id."""
+        active = [
+            r for r in self._store.view.authorities.values() if r.state is AuthorityState.ACTIVE
+        ]
+        if not active:
+            raise FailedPrecondition("no active authority; run `dmc-ca init` first")
+        record = max(active, key=lambda r: r.created_at)
+        signing = self._signing.get(record.id)
+        if signing is None:
+            signing = unseal_authority(self.trust_domain, record, self._kek)
+            self._signing = {record.id: signing}
+        return signing
+
+    def _entry(self, spiffe_id: SpiffeId) -> Entry | None:
+        return self._store.view.entries.get(spiffe_id)
+
+    # -- callers ------------------------------------------------------------------------------
+
+    def authenticate(self, leaf_pem: bytes) -> Svid:
+        """The verified caller behind a client certificate that passed the TLS handshake.
+
+        The handshake has checked the chain against the bundle; this checks what TLS does
+        not: the X.509-SVID rules (SPEC §2), the trust domain, and that an authority still in
+        the bundle signed it, which also covers connections opened before a forced
+        retirement (SPEC §5).
+        """
+        # Parsed certificates are cached by their bytes, so a renewal parses no X.509.
+        svid = self._parsed.get(leaf_pem)
+        if svid is None:
+            svid = parse_svid(x509.load_pem_x509_certificate(leaf_pem))
+            if len(self._parsed) >= _PARSED_CACHE_LIMIT:
+                self._parsed.clear()
+            self._parsed[leaf_pem] = svid
+
+        if svid.spiffe_id.trust_domain != self.trust_domain:
+            raise Unauthenticated(
+                f"caller {svid.spiffe_id} is not in trust domain {self.trust_domain}"
+            )
+        now = self._clock()
+        if not svid.not_before <= now <= svid.not_after:
+            raise Unauthenticated(f"certificate of {svid.spiffe_id} is not valid now")
+        for signer in self.bundle().signing_certificates():
+            try:
+                svid.certificate.verify_directly_issued_by(signer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return svid
+        raise Unauthenticated(
+            f"certificate of {svid.spiffe_id} was not signed by an authority of the bundle"
+        )
+
+    def authorize_admin(self, caller: Svid, method: str) -> None:
+        """SPEC §4: the Admin service needs a scope whose permissions cover the method."""
+        if not permits_method(caller.scope, method):
+            raise PermissionDenied(f"{caller.spiffe_id} may not call {method}")
+
+    # -- issuance -----------------------------------------------------------------------------
+
+    def _issue(
+        self,
+        public_key: CertificatePublicKeyTypes,
+        spiffe_id: SpiffeId,
+        scope: DelegationScope,
+        ttl_seconds: int,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[IPv4Address | IPv6Address] = (),
+    ) -> IssuedSvid:
+        signing = self.signing_authority()
+        now = self._clock()
+        if scope.not_after is not None and scope.not_after <= now:
+            raise PermissionDenied(f"the delegation of {spiffe_id} ended at {scope.not_after}")
+        leaf = issue_svid(
+            signing,
+            public_key,
+            spiffe_id,
+            scope,
+            ttl_seconds,
+            now,
+            dns_names=tuple(dns_names),
+            ip_addresses=tuple(ip_addresses),
+        )
+        _log.info(
+            "issued %s serial %x until %s",
+            spiffe_id,
+            leaf.serial_number,
+            leaf.not_valid_after_utc.isoformat(),
+        )
+        # The chain carries intermediates, never the root (SPEC §2, §4).
+        return IssuedSvid(chain=(leaf, *signing.chain[:-1]), bundle=self.bundle())
+
+    def issue_local(
+        self,
+        public_key: CertificatePublicKeyTypes,
+        spiffe_id: SpiffeId,
+        scope: DelegationScope,
+        ttl_seconds: int,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[IPv4Address | IPv6Address] = (),
+    ) -> IssuedSvid:
+        """Issue without a CSR, for the CA's own serving SVID and the admin credential."""
+        return self._issue(public_key, spiffe_id, scope, ttl_seconds, dns_names, ip_addresses)
+
+    @staticmethod
+    def entry_scope(entry: Entry) -> DelegationScope:
+        """The scope of a root SVID: its entry's current permissions, audiences and depth."""
+        return DelegationScope(
+            permissions=tuple(entry.permissions),
+            audiences=tuple(entry.audiences),
+            max_depth=entry.max_depth,
+            delegators=(),
+            not_after=None,
+        )
+
+    async def bootstrap(self, token: str, csr_der: bytes) -> IssuedSvid:
+        """SPEC §4 Bootstrap: a single-use token bound to one entry; refused leaves it unspent."""
+        if not token:
+            raise Unauthenticated("a join token is required")
+        hashed = token_hash(token)
+        record, mod_revision = await self._store.get_token(hashed)
+        entry = self._entry(record.spiffe_id)
+        if entry is None:
+            raise Unauthenticated(f"the entry {record.spiffe_id} of this join token is gone")
+
+        public_key = check_csr(csr_der, entry.spiffe_id)
+        # Everything that can refuse the request has run: spending is the last step, so a
+        # refused Bootstrap leaves the token unspent, and the transaction lets one of many
+        # concurrent users win.
+        await self._store.spend_token(hashed, mod_revision)
+        return self._issue(
+            public_key,
+            entry.spiffe_id,
+            self.entry_scope(entry),
+            entry.svid_ttl_seconds,
+            entry.dns_names,
+        )
+
+    def _origin_entry(self, caller: Svid) -> Entry:
+        # A root SVID renews from its own entry; a delegated one from its origin's, so that
+        # deleting the origin's entry ends every delegation below it.
+        origin_text = caller.scope.delegators[0] if caller.scope.delegators else None
+        origin = SpiffeId.parse(origin_text) if origin_text else caller.spiffe_id
+        entry = self._entry(origin)
+        if entry is None:
+            raise PermissionDenied(f"no registration entry for {origin}")
+        return entry
+
+    def renew(self, caller: Svid, csr_der: bytes) -> IssuedSvid:
+        """SPEC §4 Renew: the same ID and scope as the caller."""
+        public_key = check_csr(csr_der, caller.spiffe_id)
+        entry = self._origin_entry(caller)
+
+        if caller.scope.delegators:
+            # A delegated SVID keeps its scope and its hard end (SPEC §3).
+            return self._issue(public_key, caller.spiffe_id, caller.scope, entry.svid_ttl_seconds)
+        return self._issue(
+            public_key,
+            caller.spiffe_id,
+            self.entry_scope(entry),
+            entry.svid_ttl_seconds,
+            entry.dns_names,
+        )
+
+    def delegate(
+        self,
+        caller: Svid,
+        csr_der: bytes,
+        spiffe_id: str,
+        permissions: Sequence[str],
+        audiences: Sequence[str],
+        max_depth: int,
+        ttl_seconds: int,
+    ) -> IssuedSvid:
+        """SPEC §4 Delegate: a narrower SVID, under the subset rule of SPEC §3."""
+        child_id = SpiffeId.parse(spiffe_id)
+        _check_ttl(ttl_seconds, "delegation TTL", MAX_TTL_SECONDS)
+
+        public_key = check_csr(csr_der, child_id)
+        # The patterns and the depth are validated, then compared, by the subset rule.
+        scope = derive_delegated_scope(
+            caller.spiffe_id,
+            caller.scope,
+            child_id,
+            permissions,
+            audiences,
+            max_depth,
+            ttl_seconds,
+            self._clock(),
+        )
+        entry = self._origin_entry(caller)
+        return self._issue(public_key, child_id, scope, entry.svid_ttl_seconds)
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def _own_id(self, text: str) -> SpiffeId:
+        spiffe_id = SpiffeId.parse(text)
+        if spiffe_id.trust_domain != self.trust_domain:
+            raise InvalidArgument(f"{spiffe_id} is not in trust domain {self.trust_domain}")
+        if not spiffe_id.path:
+            raise InvalidArgument(f"{spiffe_id} names the trust domain, not a workload")
+        return spiffe_id
+
+    async def create_entry(
+        self,
+        spiffe_id: str,
+        permissions: Sequence[str],
+        audiences: Sequence[str],
+        max_depth: int,
+        svid_ttl_seconds: int,
+        dns_names: Sequence[str],
+    ) -> Entry:
+        """Register a workload identity (SPEC §4 CreateEntry)."""
+        entry_id = self._own_id(spiffe_id)
+        for permission in permissions:
+            validate_permission(permission)
+        for audience in audiences:
+            validate_audience(audience, self.trust_domain)
+        if max_depth > MAX_DEPTH:
+            raise InvalidArgument(f"max depth {max_depth} is above {MAX_DEPTH}")
+        ttl = svid_ttl_seconds or DEFAULT_SVID_TTL_SECONDS
+        _check_ttl(ttl, "SVID TTL", MAX_TTL_SECONDS)
+
+        entry = Entry(
+            spiffe_id=entry_id,
+            permissions=tuple(permissions),
+            audiences=tuple(audiences),
+            max_depth=max_depth,
+            svid_ttl_seconds=ttl,
+            dns_names=tuple(dns_names),
+            created_at=self._clock().replace(microsecond=0),
+        )
+        await self._store.create_entry(entry)
+        _log.info("created entry %s", entry_id)
+        return entry
+
+    def get_entry(self, spiffe_id: str) -> Entry:
+        entry = self._entry(SpiffeId.parse(spiffe_id))
+        if entry is None:
+            raise NotFound(f"no entry for {spiffe_id}")
+        return entry
+
+    def list_entries(self) -> list[Entry]:
+        return sorted(self._store.view.entries.values(), key=lambda e: str(e.spiffe_id))
+
+    async def delete_entry(self, spiffe_id: str) -> None:
+        entry_id = SpiffeId.parse(spiffe_id)
+        if entry_id.path == ADMIN_PATH and entry_id.trust_domain == self.trust_domain:
+            raise FailedPrecondition(
+                f"{entry_id} is the admin identity; deleting it would lock operators out"
+            )
+        await self._store.delete_entry(entry_id)
+        _log.info("deleted entry %s", entry_id)
+
+    async def create_join_token(self, spiffe_id: str, ttl_seconds: int) -> tuple[str, JoinToken]:
+        """A single-use token for one existing entry; only its hash is stored (SPEC §4)."""
+        entry_id = self._own_id(spiffe_id)
+        _check_ttl(ttl_seconds, "token TTL", MAX_TOKEN_TTL_SECONDS)
+        if self._entry(entry_id) is None:
+            raise NotFound(f"no entry for {entry_id}; create the entry first")
+
+        token = secrets.token_urlsafe(32)
+        expires_at = self._clock().replace(microsecond=0) + timedelta(seconds=ttl_seconds)
+        record = JoinToken(spiffe_id=entry_id, expires_at=expires_at)
+        await self._store.create_token(token_hash(token), record, ttl_seconds)
+        _log.info("created a join token for %s until %s", entry_id, expires_at.isoformat())
+        return token, record

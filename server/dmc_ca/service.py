@@ -1,0 +1,288 @@
+"""The gRPC servicers: they translate between protobuf and the CA's domain, nothing more.
+
+Errors become status codes in one place, :func:`_map_errors`, through
+:func:`dmc.errors.status_code_of`; anything that is not a ``DmcError`` is a bug, answered
+``INTERNAL`` with a fixed message and logged with its traceback (SPEC §4: nothing leaks as
+``UNKNOWN``, no stack trace or key material reaches the caller).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dmc.errors import DmcError, Unauthenticated, status_code_of
+from dmc.svid import Svid
+from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
+from dmc_ca.authorities import TrustBundle
+from dmc_ca.ca import CertificateAuthority, IssuedSvid
+from dmc_ca.model import AuthorityState, Entry
+from dmc_ca.store import Store
+
+__all__ = ["AdminService", "BootstrapService", "CertificateAuthorityService", "bundle_to_proto"]
+
+_log = logging.getLogger(__name__)
+
+# How often a bundle consumer should refetch when it cannot watch (SPEC §4 refresh hint).
+REFRESH_HINT_SECONDS = 300
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+_Context = grpc.aio.ServicerContext[Any, Any]
+_Handler = Callable[[Any, _Request, _Context], Awaitable[_Response]]
+
+
+def _map_errors(method: _Handler[_Request, _Response]) -> _Handler[_Request, _Response]:
+    """Answer a unary RPC's failure with the status of SPEC §4."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: _Request, context: _Context) -> _Response:
+        try:
+            return await method(self, request, context)
+        except DmcError as error:
+            code = status_code_of(error)
+            # Expected denials are routine for a CA: INFO, not ERROR (STYLE.md).
+            _log.info("%s refused: %s: %s", method.__name__, code.name, error)
+            await context.abort(code, str(error))
+        except Exception:
+            _log.exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the CA's log")
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _der(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+_STATE = {
+    AuthorityState.PREPARED: ca_pb2.PREPARED,
+    AuthorityState.ACTIVE: ca_pb2.ACTIVE,
+    AuthorityState.PREVIOUS: ca_pb2.PREVIOUS,
+}
+
+
+def bundle_to_proto(bundle: TrustBundle) -> ca_pb2.TrustBundle:
+    """The bundle as SPEC §4's ``TrustBundle`` message."""
+    return ca_pb2.TrustBundle(
+        trust_domain=bundle.trust_domain,
+        sequence=bundle.sequence,
+        refresh_hint_seconds=REFRESH_HINT_SECONDS,
+        authorities=[
+            ca_pb2.Authority(
+                id=a.id,
+                certificate=_der(a.root),
+                state=_STATE[a.state],
+                not_after=_timestamp(a.signing_certificate.not_valid_after_utc),
+            )
+            for a in bundle.authorities
+        ],
+    )
+
+
+def _svid_response(issued: IssuedSvid) -> ca_pb2.SVIDResponse:
+    return ca_pb2.SVIDResponse(
+        certificate_chain=[_der(c) for c in issued.chain],
+        bundle=bundle_to_proto(issued.bundle),
+        expires_at=_timestamp(issued.leaf.not_valid_after_utc),
+        spiffe_id=str(_leaf_id(issued.leaf)),
+    )
+
+
+def _leaf_id(leaf: x509.Certificate) -> str:
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return str(san.get_values_for_type(x509.UniformResourceIdentifier)[0])
+
+
+def _entry_to_proto(entry: Entry) -> admin_pb2.Entry:
+    return admin_pb2.Entry(
+        spiffe_id=str(entry.spiffe_id),
+        permissions=list(entry.permissions),
+        audiences=list(entry.audiences),
+        max_depth=entry.max_depth,
+        max_ttl_seconds=entry.svid_ttl_seconds,
+        dns_names=list(entry.dns_names),
+        created_at=_timestamp(entry.created_at),
+    )
+
+
+def caller_of(ca: CertificateAuthority, context: _Context) -> Svid:
+    """The verified SVID of the peer, from the certificate the TLS handshake checked."""
+    certificates = context.auth_context().get("x509_pem_cert")
+    if not certificates:
+        raise Unauthenticated("a client certificate is required (mTLS)")
+    return ca.authenticate(certificates[0])
+
+
+class _BundleMixin:
+    _ca: CertificateAuthority
+
+    @_map_errors
+    async def GetTrustBundle(
+        self, request: ca_pb2.GetTrustBundleRequest, context: _Context
+    ) -> ca_pb2.TrustBundle:
+        return bundle_to_proto(self._ca.bundle())
+
+
+class BootstrapService(_BundleMixin, ca_pb2_grpc.CertificateAuthorityServicer):
+    """What the server-authenticated bootstrap listener serves: Bootstrap and the bundle."""
+
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self._ca = ca
+
+    @_map_errors
+    async def Bootstrap(
+        self, request: ca_pb2.BootstrapRequest, context: _Context
+    ) -> ca_pb2.SVIDResponse:
+        return _svid_response(await self._ca.bootstrap(request.join_token, request.csr))
+
+
+class CertificateAuthorityService(_BundleMixin, ca_pb2_grpc.CertificateAuthorityServicer):
+    """What the mTLS listener serves of ``CertificateAuthority``; Bootstrap is not here."""
+
+    def __init__(self, ca: CertificateAuthority, store: Store) -> None:
+        self._ca = ca
+        self._store = store
+
+    @_map_errors
+    async def Renew(self, request: ca_pb2.RenewRequest, context: _Context) -> ca_pb2.SVIDResponse:
+        caller = caller_of(self._ca, context)
+        return _svid_response(self._ca.renew(caller, request.csr))
+
+    @_map_errors
+    async def Delegate(
+        self, request: ca_pb2.DelegateRequest, context: _Context
+    ) -> ca_pb2.SVIDResponse:
+        caller = caller_of(self._ca, context)
+        issued = self._ca.delegate(
+            caller,
+            request.csr,
+            request.spiffe_id,
+            list(request.permissions),
+            list(request.audiences),
+            request.max_depth,
+            request.ttl_seconds,
+        )
+        return _svid_response(issued)
+
+    async def WatchTrustBundle(
+        self, request: ca_pb2.WatchTrustBundleRequest, context: _Context
+    ) -> AsyncIterator[ca_pb2.TrustBundle]:
+        try:
+            caller_of(self._ca, context)
+        except DmcError as error:
+            await context.abort(status_code_of(error), str(error))
+        last = -1
+        async for _view in self._store.subscribe():
+            bundle = self._ca.bundle()
+            if bundle.sequence != last:
+                last = bundle.sequence
+                yield bundle_to_proto(bundle)
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    """The Admin service: the caller's scope must permit each method (SPEC §4)."""
+
+    def __init__(self, ca: CertificateAuthority, store: Store, replica: str) -> None:
+        self._ca = ca
+        self._store = store
+        self._replica = replica
+
+    def _authorize(self, context: _Context, method: str) -> Svid:
+        caller = caller_of(self._ca, context)
+        self._ca.authorize_admin(caller, f"/dmc.v1.Admin/{method}")
+        return caller
+
+    @_map_errors
+    async def CreateEntry(
+        self, request: admin_pb2.CreateEntryRequest, context: _Context
+    ) -> admin_pb2.Entry:
+        self._authorize(context, "CreateEntry")
+        given = request.entry
+        entry = await self._ca.create_entry(
+            given.spiffe_id,
+            list(given.permissions),
+            list(given.audiences),
+            given.max_depth,
+            given.max_ttl_seconds,
+            list(given.dns_names),
+        )
+        return _entry_to_proto(entry)
+
+    @_map_errors
+    async def GetEntry(
+        self, request: admin_pb2.GetEntryRequest, context: _Context
+    ) -> admin_pb2.Entry:
+        self._authorize(context, "GetEntry")
+        return _entry_to_proto(self._ca.get_entry(request.spiffe_id))
+
+    @_map_errors
+    async def ListEntries(
+        self, request: admin_pb2.ListEntriesRequest, context: _Context
+    ) -> admin_pb2.ListEntriesResponse:
+        self._authorize(context, "ListEntries")
+        return admin_pb2.ListEntriesResponse(
+            entries=[_entry_to_proto(e) for e in self._ca.list_entries()]
+        )
+
+    @_map_errors
+    async def DeleteEntry(
+        self, request: admin_pb2.DeleteEntryRequest, context: _Context
+    ) -> admin_pb2.DeleteEntryResponse:
+        self._authorize(context, "DeleteEntry")
+        await self._ca.delete_entry(request.spiffe_id)
+        return admin_pb2.DeleteEntryResponse()
+
+    @_map_errors
+    async def CreateJoinToken(
+        self, request: admin_pb2.CreateJoinTokenRequest, context: _Context
+    ) -> admin_pb2.CreateJoinTokenResponse:
+        self._authorize(context, "CreateJoinToken")
+        token, record = await self._ca.create_join_token(request.spiffe_id, request.ttl_seconds)
+        return admin_pb2.CreateJoinTokenResponse(
+            token=token,
+            expires_at=_timestamp(record.expires_at),
+            spiffe_id=str(record.spiffe_id),
+        )
+
+    @_map_errors
+    async def GetStatus(
+        self, request: admin_pb2.GetStatusRequest, context: _Context
+    ) -> admin_pb2.Status:
+        caller = self._authorize(context, "GetStatus")
+        view = self._store.view
+        return admin_pb2.Status(
+            trust_domain=self._ca.trust_domain,
+            version=_version(),
+            bundle=bundle_to_proto(self._ca.bundle()),
+            entries=len(view.entries),
+            etcd_revision=view.revision,
+            caller_spiffe_id=str(caller.spiffe_id),
+            replica=self._replica,
+        )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dmc")
+    except PackageNotFoundError:
+        return "unknown"
+
