@@ -270,7 +270,7 @@ def add_option(
         type=_argparse_type(type),
         choices=choices,
         default=fallback,
-        metavar=metavar or flag.lstrip("-").replace("-", "_").upper(),
+        metavar=metavar or (None if choices else flag.lstrip("-").replace("-", "_").upper()),
         help=_help_text(help, variable, required=required, default=default, repeated=repeated),
     )
 
