@@ -468,6 +468,9 @@ def test_create_authority_follows_spec_2(key_type: KeyType, tmp_path: Path) -> N
     assert list(san.value) == [x509.UniformResourceIdentifier("spiffe://example.org")]
     ski = _extension(certificate, ExtensionOID.SUBJECT_KEY_IDENTIFIER)
     assert ski.value == x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    aki = _extension(certificate, ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    assert aki.value.key_identifier == ski.value.digest
+    assert len(certificate.extensions) == 5
     certificate.verify_directly_issued_by(certificate)
 
 

@@ -178,6 +178,7 @@ def create_authority(
     subject = x509.Name(attributes)
     key = generate_private_key(key_type)
     public_key = key.public_key()
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -192,7 +193,12 @@ def create_authority(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain_id))]),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(ski, critical=False)
+        # RFC 5280 §4.2.1.1 lets a self-signed certificate omit this; carrying it lets path
+        # builders pick the right key among authorities of the same trust domain and name.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
     )
     certificate = builder.sign(key, signature_hash(key))
 
