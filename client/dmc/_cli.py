@@ -434,7 +434,7 @@ def format_text(data: Mapping[str, object], indent: str = "") -> str:
 
 
 def _text_value(value: object) -> str:
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, datetime):
         return rfc3339(value)
