@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from dmc.errors import InvalidArgument, InvalidPem
 from dmc.pem import (
     certificates_to_pem,
@@ -27,9 +27,10 @@ from dmc.pem import (
 
 __all__ = [
     "BUNDLE_FILE",
-    "CredentialFiles",
+    "Credential",
     "bootstrap_address",
     "ca_channel",
+    "is_ca_certificate",
     "join_host_port",
     "load_bundle_file",
     "load_credential",
@@ -41,12 +42,31 @@ BUNDLE_FILE = "bundle.pem"
 _MAX_PORT = 65535
 
 
-class CredentialFiles(NamedTuple):
-    """An SVID as gRPC takes it: chain (leaf first), private key and trust bundle, in PEM."""
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """An SVID to present to the CA: its chain (leaf first), private key and trust bundle.
 
-    chain_pem: bytes
-    key_pem: bytes
-    bundle_pem: bytes
+    The ``*_pem`` properties give each part as gRPC's channel credentials take it.
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKeyTypes
+    bundle: tuple[x509.Certificate, ...]
+
+    @property
+    def chain_pem(self) -> bytes:
+        """The chain as PEM, leaf first."""
+        return certificates_to_pem(self.chain)
+
+    @property
+    def key_pem(self) -> bytes:
+        """The private key as unencrypted PKCS #8 PEM."""
+        return private_key_to_pem(self.key)
+
+    @property
+    def bundle_pem(self) -> bytes:
+        """The trust bundle as PEM."""
+        return certificates_to_pem(self.bundle)
 
 
 def ca_channel(
@@ -105,44 +125,52 @@ def bootstrap_address(ca_address: str) -> str:
     return join_host_port(host, port + 1)
 
 
-def load_bundle_file(path: str | os.PathLike[str]) -> bytes:
-    """The trust bundle at ``path`` as clean PEM (any formatting `dmc.pem` reads)."""
+def load_bundle_file(path: str | os.PathLike[str]) -> list[x509.Certificate]:
+    """The trust bundle at ``path`` (any formatting `dmc.pem` reads); authorities only."""
     certificates = load_certificates_file(path)
     for number, certificate in enumerate(certificates, start=1):
-        if not _is_ca(certificate):
+        if not is_ca_certificate(certificate):
             raise InvalidPem(
                 f"{os.fspath(path)}: certificate {number} is not a CA certificate; "
                 "a trust bundle holds authorities only"
             )
-    return certificates_to_pem(certificates)
+    return certificates
 
 
 def load_credential(
     cert_path: str | os.PathLike[str],
     key_path: str | os.PathLike[str],
     bundle_path: str | os.PathLike[str],
-) -> CredentialFiles:
-    """Read an SVID chain, its private key and a trust bundle, each checked by `dmc.pem`.
+) -> Credential:
+    """Read an SVID chain, its private key and a trust bundle, each through `dmc.pem`.
 
     Raises `InvalidPem` naming the file that is missing or unreadable, and `InvalidArgument`
     if the key does not belong to the chain's first certificate.
     """
     chain = load_certificates_file(cert_path)
     key = load_private_key_file(key_path)
-    bundle_pem = load_bundle_file(bundle_path)
+    bundle = load_bundle_file(bundle_path)
 
     if _public_der(key.public_key()) != _public_der(chain[0].public_key()):
         raise InvalidArgument(
             f"{os.fspath(key_path)} is not the private key of the certificate in "
             f"{os.fspath(cert_path)}"
         )
-    return CredentialFiles(certificates_to_pem(chain), private_key_to_pem(key), bundle_pem)
+    return Credential(chain=tuple(chain), key=key, bundle=tuple(bundle))
 
 
-def load_credential_dir(directory: str | os.PathLike[str], name: str = "svid") -> CredentialFiles:
+def load_credential_dir(directory: str | os.PathLike[str], name: str = "svid") -> Credential:
     """Read ``NAME.pem``, ``NAME.key`` and ``bundle.pem`` from ``directory`` (SPEC §6)."""
     folder = Path(directory)
     return load_credential(folder / f"{name}.pem", folder / f"{name}.key", folder / BUNDLE_FILE)
+
+
+def is_ca_certificate(certificate: x509.Certificate) -> bool:
+    """Whether ``certificate`` asserts ``basicConstraints CA:TRUE``."""
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _check_ipv6(host: str, address: str) -> None:
@@ -150,13 +178,6 @@ def _check_ipv6(host: str, address: str) -> None:
         ipaddress.IPv6Address(host)
     except ValueError:
         raise InvalidArgument(f"address {address!r}: {host!r} is not an IPv6 address") from None
-
-
-def _is_ca(certificate: x509.Certificate) -> bool:
-    try:
-        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
 
 
 def _public_der(key: PublicKeyTypes) -> bytes:
