@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
+    PrivateKeyTypes,
     PublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -213,7 +213,7 @@ def create_authority(
 
 def check_imported_authority(
     chain: Sequence[x509.Certificate],
-    key: CertificateIssuerPrivateKeyTypes,
+    key: PrivateKeyTypes,
     now: datetime,
 ) -> SigningAuthority:
     """Check an operator's CA certificate, its chain and key; return them as an authority.
