@@ -84,6 +84,17 @@ def test_etcd_restart_keeps_data_and_ports(tmp_path: Path) -> None:
     assert (tmp_path / "logs" / "e.log").is_file()
 
 
+def test_a_new_process_on_an_existing_data_dir_keeps_the_data(tmp_path: Path) -> None:
+    # dmc-ca dev's second run: fresh ports, the same data folder.
+    with EtcdProcess(tmp_path / "etcd", fast=True) as first:
+        _put(first, "/k", "v1")
+
+    with EtcdProcess(tmp_path / "etcd", fast=True) as second:
+        assert _get(second, "/k") == "v1"
+        _put(second, "/k", "v2")
+        assert _get(second, "/k") == "v2"
+
+
 def test_etcd_comes_back_after_kill(tmp_path: Path) -> None:
     process = EtcdProcess(tmp_path / "etcd", fast=True)
     process.start()

@@ -12,6 +12,7 @@ import pytest
 from conftest import TRUST_DOMAIN, TcpProxy
 from dmc.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unauthenticated,
@@ -387,6 +388,17 @@ async def test_subscription_ends_when_the_store_closes(
 async def test_wait_for_revision_times_out_with_unavailable(store: Store) -> None:
     with pytest.raises(Unavailable, match="did not reach revision"):
         await store.wait_for_revision(store.view.revision + 1000, timeout_seconds=0.2)
+
+
+async def test_close_ends_a_pending_wait_for_revision(etcd: EtcdProcess, etcd_prefix: str) -> None:
+    store = await Store.open([etcd.endpoint], etcd_prefix, TRUST_DOMAIN)
+    waiting = asyncio.create_task(store.wait_for_revision(store.view.revision + 1000, 30))
+    await asyncio.sleep(0.05)
+
+    await store.close()
+
+    with pytest.raises(FailedPrecondition, match="closed"):
+        await asyncio.wait_for(waiting, 5)
 
 
 async def test_close_leaves_no_task_behind(etcd: EtcdProcess, etcd_prefix: str) -> None:

@@ -250,11 +250,7 @@ class Store:
         if not endpoints:
             raise InvalidArgument("no etcd endpoint given")
 
-        client = Etcd3Client(
-            list(endpoints),
-            watch_reconnect_backoff_seconds=0.1,
-            watch_max_reconnect_backoff_seconds=1.0,
-        )
+        client = Etcd3Client(list(endpoints))
         # gRPC backs off up to two minutes between reconnects by default; a CA whose etcd
         # comes back should follow it again within a second. etcd3aio has no parameter
         # for channel options, so they are added to its connection manager's list.
@@ -294,7 +290,8 @@ class Store:
         for subscription in list(self._subscriptions):
             subscription.close()
         for _, waiter in self._waiters:
-            waiter.cancel()
+            if not waiter.done():
+                waiter.set_exception(FailedPrecondition("the store was closed"))
         self._waiters.clear()
         await self._client.close()
         _log.info("store on etcd %s closed", self._endpoints)
