@@ -161,9 +161,10 @@ def build_parser() -> CommandParser:
         help="keep an SVID renewed and serve it on a Unix socket (not built yet)",
         handler=_agent,
     )
-    _add_ca_option(agent)
-    add_option(agent, "--dir", required=True, help="folder of the SVID to keep renewed")
-    add_option(agent, "--socket", required=True, help="Unix socket to serve SDS and Workload API")
+    # Not required while the agent is not built, so that it says so whatever is given.
+    add_option(agent, "--ca", help="the CA's mTLS address HOST:PORT")
+    add_option(agent, "--dir", help="folder of the SVID to keep renewed")
+    add_option(agent, "--socket", help="Unix socket to serve SDS and the Workload API on")
     return parser
 
 
