@@ -47,6 +47,7 @@ def _parser(seen: dict[str, argparse.Namespace] | None = None) -> _cli.CommandPa
     add_option(go, "--ca", required=True, help="CA address")
     add_option(go, "--permission", repeated=True, help="permission")
     add_option(go, "--ttl", type=parse_duration, help="lifetime")
+    add_option(go, "--max-ttl", type=parse_duration, default="1h", help="longest lifetime")
     add_option(go, "--depth", type=int, default=1, help="depth")
     add_option(go, "--key-type", choices=["ec-p256", "rsa-2048"], default="ec-p256", help="key")
     add_switch(go, "--force", help="force")
@@ -107,6 +108,11 @@ def test_unset_options_get_their_defaults() -> None:
     )
     assert args.output == "text"
     assert args.data_dir is None
+
+
+def test_string_default_is_converted_like_a_flag_as_argparse_does() -> None:
+    assert _parse(["go", "--ca", "x"]).max_ttl == timedelta(hours=1)
+    assert _parse(["go", "--ca", "x", "--max-ttl", "5m"]).max_ttl == timedelta(minutes=5)
 
 
 def test_variables_are_converted_like_flags() -> None:

@@ -251,9 +251,14 @@ def add_option(
 
     ``repeated`` flags may be given several times and read a comma-separated variable. A
     ``required`` flag is satisfied by its variable; `parse_arguments` reports what is missing.
-    ``type`` may raise `DmcError` or `ValueError`; either becomes a usage error.
+    ``type`` may raise `DmcError` or `ValueError`; either becomes a usage error. A string
+    ``default`` is converted by ``type``, as argparse does.
     """
     variable = env or _variable_for(flag)
+    shown_default = default
+    if isinstance(default, str):
+        # As argparse does: a string default goes through ``type`` like a typed value.
+        default = type(default)
     fallback = _FromEnvironment(
         flag=flag,
         variable=variable,
@@ -271,7 +276,9 @@ def add_option(
         choices=choices,
         default=fallback,
         metavar=metavar or (None if choices else flag.lstrip("-").replace("-", "_").upper()),
-        help=_help_text(help, variable, required=required, default=default, repeated=repeated),
+        help=_help_text(
+            help, variable, required=required, default=shown_default, repeated=repeated
+        ),
     )
 
 
