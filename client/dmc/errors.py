@@ -16,7 +16,8 @@ The tree follows SPEC §4, "Errors map to status codes in one place"::
     ├── NotFound                   NOT_FOUND
     ├── AlreadyExists              ALREADY_EXISTS
     ├── FailedPrecondition         FAILED_PRECONDITION  too early, no active authority
-    └── Unavailable                UNAVAILABLE        etcd unreachable for a write
+    ├── Unavailable                UNAVAILABLE        etcd unreachable for a write
+    └── Unimplemented              UNIMPLEMENTED      a part of the contract not built yet
 
 Anything that is not a ``DmcError`` is a bug: servers report it as ``INTERNAL`` with a
 fixed message and log the traceback, never sending it to the caller.
@@ -41,6 +42,7 @@ __all__ = [
     "ScopeWidening",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "error_for_status",
     "status_code_of",
 ]
@@ -102,6 +104,10 @@ class Unavailable(DmcError):
     """A dependency (etcd, the CA) cannot be reached; the same call may succeed later."""
 
 
+class Unimplemented(DmcError):
+    """The request is well formed but this version of dmc does not serve it."""
+
+
 # The single mapping between the tree and gRPC status codes (SPEC §4). Order matters:
 # the most specific class is looked up first through the MRO.
 _STATUS_OF: dict[type[DmcError], grpc.StatusCode] = {
@@ -112,6 +118,7 @@ _STATUS_OF: dict[type[DmcError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 _ERROR_OF: dict[grpc.StatusCode, type[DmcError]] = {v: k for k, v in _STATUS_OF.items()}
@@ -120,7 +127,7 @@ _ERROR_OF: dict[grpc.StatusCode, type[DmcError]] = {v: k for k, v in _STATUS_OF.
 def status_code_of(error: DmcError) -> grpc.StatusCode:
     """Return the gRPC status code for ``error`` (``INTERNAL`` for an unmapped subclass)."""
     for cls in type(error).__mro__:
-        code = _STATUS_OF.get(cls)  # type: ignore[arg-type]
+        code = _STATUS_OF.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

@@ -248,7 +248,7 @@ def permits_audience(scope: DelegationScope, spiffe_id: SpiffeId) -> bool:
     return any(audience_covers(a, str(spiffe_id)) for a in scope.audiences)
 
 
-def derive_delegated_scope(  # noqa: PLR0917 - the positional order is fixed by design.md
+def derive_delegated_scope(
     parent_id: SpiffeId,
     parent_scope: DelegationScope,
     child_id: SpiffeId,

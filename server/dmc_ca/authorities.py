@@ -15,10 +15,10 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-
-from dmc.errors import FailedPrecondition
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from dmc.errors import FailedPrecondition, InvalidArgument
 from dmc.pem import certificates_to_pem, load_certificates, load_private_key
+
 from dmc_ca.keys import KeyType
 from dmc_ca.model import AuthorityRecord, AuthorityState
 from dmc_ca.profile import SigningAuthority, check_imported_authority, create_authority
@@ -100,20 +100,22 @@ def new_authority(
     With ``imported_chain_pem`` the chain (signing certificate first, ending in a root) and
     its key are checked by :func:`check_imported_authority` before anything is built.
     """
-    key: CertificateIssuerPrivateKeyTypes
     if imported_chain_pem is not None:
         if imported_key_pem is None:
-            raise FailedPrecondition("an imported CA certificate needs its private key")
-        chain = load_certificates(imported_chain_pem, "--ca-cert")
-        imported_key = load_private_key(imported_key_pem, "--ca-key")
-        check_imported_authority(chain, imported_key, now)
-        key = imported_key
+            raise InvalidArgument("an imported CA certificate needs its private key")
+        signing = check_imported_authority(
+            load_certificates(imported_chain_pem, "--ca-cert"),
+            load_private_key(imported_key_pem, "--ca-key"),
+            now,
+        )
     else:
-        certificate, key = create_authority(trust_domain, key_type, ttl, now)
-        chain = [certificate]
+        certificate, created_key = create_authority(trust_domain, key_type, ttl, now)
+        signing = SigningAuthority(
+            private_key=created_key, certificate=certificate, chain=(certificate,)
+        )
 
     authority_id = secrets.token_hex(8)
-    key_der = key.private_bytes(
+    key_der = signing.private_key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
@@ -121,11 +123,10 @@ def new_authority(
     record = AuthorityRecord(
         id=authority_id,
         state=state,
-        certificate_chain_pem=certificates_to_pem(chain),
+        certificate_chain_pem=certificates_to_pem(list(signing.chain)),
         sealed_key=seal(kek, key_der, _sealing_aad(trust_domain, authority_id)),
         created_at=now,
     )
-    signing = SigningAuthority(private_key=key, certificate=chain[0], chain=tuple(chain))
     return record, signing
 
 
@@ -133,8 +134,10 @@ def unseal_authority(trust_domain: str, record: AuthorityRecord, kek: bytes) -> 
     """Open a stored authority's key with the key-encryption key."""
     key_der = unseal(kek, record.sealed_key, _sealing_aad(trust_domain, record.id))
     key = serialization.load_der_private_key(key_der, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise FailedPrecondition(f"authority {record.id} holds a key dmc cannot sign with")
     chain = load_certificates(record.certificate_chain_pem, f"authority {record.id}")
-    return SigningAuthority(private_key=key, certificate=chain[0], chain=tuple(chain))  # type: ignore[arg-type]
+    return SigningAuthority(private_key=key, certificate=chain[0], chain=tuple(chain))
 
 
 def bundle_of(trust_domain: str, sequence: int, records: list[AuthorityRecord]) -> TrustBundle:

@@ -6,7 +6,6 @@ round trip; Bootstrap spends its token in an etcd transaction, and Admin writes 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -17,7 +16,6 @@ from ipaddress import IPv4Address, IPv6Address
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-
 from dmc.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -35,11 +33,12 @@ from dmc.scope import (
 )
 from dmc.spiffe_id import SpiffeId
 from dmc.svid import Svid, parse_svid
+
 from dmc_ca.authorities import TrustBundle, bundle_of, unseal_authority
 from dmc_ca.csr import check_csr
 from dmc_ca.model import AuthorityState, Entry, JoinToken
 from dmc_ca.profile import SigningAuthority, issue_svid
-from dmc_ca.store import Store
+from dmc_ca.store import Store, hash_token
 
 __all__ = [
     "ADMIN_PATH",
@@ -88,11 +87,6 @@ def admin_entry(trust_domain: str, svid_ttl_seconds: int, now: datetime) -> Entr
         dns_names=(),
         created_at=now,
     )
-
-
-def token_hash(token: str) -> str:
-    """The SHA-256 under which a join token is stored; the token itself never is."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _check_ttl(ttl_seconds: int, what: str, maximum: int) -> None:
@@ -215,7 +209,7 @@ class CertificateAuthority:
             leaf.not_valid_after_utc.isoformat(),
         )
         # The chain carries intermediates, never the root (SPEC §2, §4).
-        return IssuedSvid(chain=(leaf, *signing.chain[:-1]), bundle=self.bundle())
+        return IssuedSvid(chain=signing.svid_chain(leaf), bundle=self.bundle())
 
     def issue_local(
         self,
@@ -244,7 +238,7 @@ class CertificateAuthority:
         """SPEC §4 Bootstrap: a single-use token bound to one entry; refused leaves it unspent."""
         if not token:
             raise Unauthenticated("a join token is required")
-        hashed = token_hash(token)
+        hashed = hash_token(token)
         record, mod_revision = await self._store.get_token(hashed)
         entry = self._entry(record.spiffe_id)
         if entry is None:
@@ -389,6 +383,6 @@ class CertificateAuthority:
         token = secrets.token_urlsafe(32)
         expires_at = self._clock().replace(microsecond=0) + timedelta(seconds=ttl_seconds)
         record = JoinToken(spiffe_id=entry_id, expires_at=expires_at)
-        await self._store.create_token(token_hash(token), record, ttl_seconds)
+        await self._store.create_token(hash_token(token), record, ttl_seconds)
         _log.info("created a join token for %s until %s", entry_id, expires_at.isoformat())
         return token, record

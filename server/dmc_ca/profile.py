@@ -90,7 +90,7 @@ class SigningAuthority:
         return (leaf, *self.chain[:-1])
 
 
-def issue_svid(  # noqa: PLR0917 (the positional order of docs/design.md)
+def issue_svid(
     authority: SigningAuthority,
     public_key: PublicKeyTypes,
     spiffe_id: SpiffeId,

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-
 from dmc.errors import FailedPrecondition
 from dmc.files import write_atomic
 from dmc.pem import certificates_to_pem
+
 from dmc_ca.authorities import new_authority
 from dmc_ca.ca import CertificateAuthority, admin_entry
 from dmc_ca.etcd_process import EtcdProcess
@@ -125,16 +125,14 @@ async def initialise(
         imported_chain_pem=ca_chain_pem,
         imported_key_pem=ca_key_pem,
     )
-    revision = await store.put_authority(record)
-    revision = await store.create_entry(admin_entry(trust_domain, admin_ttl_seconds, now))
-    await store.wait_for_revision(revision)
+    # Each write returns once this replica's view shows it.
+    await store.put_authority(record)
+    await store.create_entry(admin_entry(trust_domain, admin_ttl_seconds, now))
     _log.info("initialised trust domain %s with authority %s", trust_domain, record.id)
     return CertificateAuthority(store, kek, trust_domain)
 
 
-async def _serve_until_signalled(
-    server: CaServer, on_ready: Callable[[CaServer], None]
-) -> None:
+async def _serve_until_signalled(server: CaServer, on_ready: Callable[[CaServer], None]) -> None:
     await server.start()
     on_ready(server)
     stop = asyncio.Event()
@@ -152,7 +150,9 @@ async def _serve_until_signalled(
 async def run_serve(settings: CaSettings, on_ready: Callable[[CaServer], None]) -> None:
     """Serve one replica until SIGINT or SIGTERM."""
     kek = load_kek(settings.kek_file)
-    store = await Store.open(list(settings.etcd_endpoints), settings.etcd_prefix, settings.trust_domain)
+    store = await Store.open(
+        list(settings.etcd_endpoints), settings.etcd_prefix, settings.trust_domain
+    )
     try:
         ca = CertificateAuthority(store, kek, settings.trust_domain)
         ca.signing_authority()

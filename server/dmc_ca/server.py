@@ -22,16 +22,16 @@ from datetime import UTC, datetime
 import grpc
 import grpc.aio
 from cryptography.hazmat.primitives import serialization
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from dmc.pem import certificates_to_pem
 from dmc.scope import EMPTY_SCOPE
 from dmc.spiffe_id import SpiffeId
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from dmc_ca.ca import CA_PATH, CertificateAuthority
 from dmc_ca.keys import KeyType, generate_private_key
-from dmc_ca.service import AdminService, BootstrapService, CertificateAuthorityService
+from dmc_ca.service import AdminService, CertificateAuthorityService
 from dmc_ca.store import Store
 
 __all__ = ["CaServer", "ListenAddress", "serving_names"]
@@ -173,12 +173,14 @@ class CaServer:
         boot = grpc.aio.server()
 
         ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
-            CertificateAuthorityService(self._ca, self._store), mtls
+            CertificateAuthorityService(self._ca, self._store, bootstrap_listener=False), mtls
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(self._ca, self._store, replica=str(self._listen)), mtls
         )
-        ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(BootstrapService(self._ca), boot)
+        ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
+            CertificateAuthorityService(self._ca, self._store, bootstrap_listener=True), boot
+        )
         names = (
             ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
@@ -195,7 +197,9 @@ class CaServer:
             credential = _Credential(config=self._config(with_roots=index == 0), version=0)
             self._credentials.append(credential)
             credentials = grpc.dynamic_ssl_server_credentials(
-                credential.config, credential.fetch, require_client_authentication=index == 0
+                credential.config,
+                credential.fetch,  # type: ignore[arg-type]  # None means "no change"
+                require_client_authentication=index == 0,
             )
             port = server.add_secure_port(str(address), credentials)
             bound = ListenAddress(address.host, port)

@@ -18,17 +18,17 @@ import grpc
 import grpc.aio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from dmc.errors import DmcError, Unauthenticated, status_code_of
+from dmc.errors import DmcError, Unauthenticated, Unimplemented, status_code_of
 from dmc.svid import Svid
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from dmc_ca.authorities import TrustBundle
 from dmc_ca.ca import CertificateAuthority, IssuedSvid
 from dmc_ca.model import AuthorityState, Entry
 from dmc_ca.store import Store
 
-__all__ = ["AdminService", "BootstrapService", "CertificateAuthorityService", "bundle_to_proto"]
+__all__ = ["AdminService", "CertificateAuthorityService", "bundle_to_proto"]
 
 _log = logging.getLogger(__name__)
 
@@ -124,52 +124,55 @@ def _entry_to_proto(entry: Entry) -> admin_pb2.Entry:
 
 def caller_of(ca: CertificateAuthority, context: _Context) -> Svid:
     """The verified SVID of the peer, from the certificate the TLS handshake checked."""
-    certificates = context.auth_context().get("x509_pem_cert")
+    certificates = list(context.auth_context().get("x509_pem_cert", ()))
     if not certificates:
         raise Unauthenticated("a client certificate is required (mTLS)")
     return ca.authenticate(certificates[0])
 
 
-class _BundleMixin:
-    _ca: CertificateAuthority
-
-    @_map_errors
-    async def GetTrustBundle(
-        self, request: ca_pb2.GetTrustBundleRequest, context: _Context
-    ) -> ca_pb2.TrustBundle:
-        return bundle_to_proto(self._ca.bundle())
+def _not_built(what: str) -> Unimplemented:
+    # TODO(issue 3, issue 4): revocation and the authority life cycle remove these.
+    return Unimplemented(f"{what} is not built yet in this version of dmc")
 
 
-class BootstrapService(_BundleMixin, ca_pb2_grpc.CertificateAuthorityServicer):
-    """What the server-authenticated bootstrap listener serves: Bootstrap and the bundle."""
+class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
+    """``CertificateAuthority`` as one listener serves it.
 
-    def __init__(self, ca: CertificateAuthority) -> None:
+    On the bootstrap listener (server-authenticated TLS) only Bootstrap and GetTrustBundle
+    answer; every call that needs a client certificate is refused there. On the mTLS
+    listener everything but Bootstrap answers (SPEC §4).
+    """
+
+    def __init__(
+        self, ca: CertificateAuthority, store: Store, *, bootstrap_listener: bool
+    ) -> None:
         self._ca = ca
+        self._store = store
+        self._bootstrap_listener = bootstrap_listener
+
+    def _caller(self, context: _Context, method: str) -> Svid:
+        if self._bootstrap_listener:
+            raise Unauthenticated(f"{method} needs mTLS: call the CA's mTLS listener with an SVID")
+        return caller_of(self._ca, context)
 
     @_map_errors
     async def Bootstrap(
         self, request: ca_pb2.BootstrapRequest, context: _Context
     ) -> ca_pb2.SVIDResponse:
+        if not self._bootstrap_listener:
+            raise Unimplemented("Bootstrap is served on the CA's bootstrap listener (port + 1)")
         return _svid_response(await self._ca.bootstrap(request.join_token, request.csr))
-
-
-class CertificateAuthorityService(_BundleMixin, ca_pb2_grpc.CertificateAuthorityServicer):
-    """What the mTLS listener serves of ``CertificateAuthority``; Bootstrap is not here."""
-
-    def __init__(self, ca: CertificateAuthority, store: Store) -> None:
-        self._ca = ca
-        self._store = store
 
     @_map_errors
     async def Renew(self, request: ca_pb2.RenewRequest, context: _Context) -> ca_pb2.SVIDResponse:
-        caller = caller_of(self._ca, context)
+        caller = self._caller(context, "Renew")
         return _svid_response(self._ca.renew(caller, request.csr))
 
     @_map_errors
     async def Delegate(
         self, request: ca_pb2.DelegateRequest, context: _Context
     ) -> ca_pb2.SVIDResponse:
-        caller = caller_of(self._ca, context)
+        caller = self._caller(context, "Delegate")
         issued = self._ca.delegate(
             caller,
             request.csr,
@@ -181,11 +184,17 @@ class CertificateAuthorityService(_BundleMixin, ca_pb2_grpc.CertificateAuthority
         )
         return _svid_response(issued)
 
+    @_map_errors
+    async def GetTrustBundle(
+        self, request: ca_pb2.GetTrustBundleRequest, context: _Context
+    ) -> ca_pb2.TrustBundle:
+        return bundle_to_proto(self._ca.bundle())
+
     async def WatchTrustBundle(
         self, request: ca_pb2.WatchTrustBundleRequest, context: _Context
     ) -> AsyncIterator[ca_pb2.TrustBundle]:
         try:
-            caller_of(self._ca, context)
+            self._caller(context, "WatchTrustBundle")
         except DmcError as error:
             await context.abort(status_code_of(error), str(error))
         last = -1
@@ -194,6 +203,13 @@ class CertificateAuthorityService(_BundleMixin, ca_pb2_grpc.CertificateAuthority
             if bundle.sequence != last:
                 last = bundle.sequence
                 yield bundle_to_proto(bundle)
+
+    async def WatchRevocations(
+        self, request: ca_pb2.WatchRevocationsRequest, context: _Context
+    ) -> AsyncIterator[ca_pb2.RevocationEvent]:
+        error = _not_built("WatchRevocations")
+        await context.abort(status_code_of(error), str(error))
+        yield ca_pb2.RevocationEvent()  # unreachable; makes this an async generator
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -277,6 +293,41 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             replica=self._replica,
         )
 
+    @_map_errors
+    async def Revoke(
+        self, request: admin_pb2.RevokeRequest, context: _Context
+    ) -> ca_pb2.Revocation:
+        self._authorize(context, "Revoke")
+        raise _not_built("Revoke")
+
+    @_map_errors
+    async def ListRevocations(
+        self, request: admin_pb2.ListRevocationsRequest, context: _Context
+    ) -> admin_pb2.ListRevocationsResponse:
+        self._authorize(context, "ListRevocations")
+        raise _not_built("ListRevocations")
+
+    @_map_errors
+    async def PrepareAuthority(
+        self, request: admin_pb2.PrepareAuthorityRequest, context: _Context
+    ) -> ca_pb2.Authority:
+        self._authorize(context, "PrepareAuthority")
+        raise _not_built("PrepareAuthority")
+
+    @_map_errors
+    async def ActivateAuthority(
+        self, request: admin_pb2.ActivateAuthorityRequest, context: _Context
+    ) -> ca_pb2.Authority:
+        self._authorize(context, "ActivateAuthority")
+        raise _not_built("ActivateAuthority")
+
+    @_map_errors
+    async def RetireAuthority(
+        self, request: admin_pb2.RetireAuthorityRequest, context: _Context
+    ) -> ca_pb2.Authority:
+        self._authorize(context, "RetireAuthority")
+        raise _not_built("RetireAuthority")
+
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -285,4 +336,3 @@ def _version() -> str:
         return version("dmc")
     except PackageNotFoundError:
         return "unknown"
-

@@ -1,0 +1,1 @@
+"""The `dmc-ca` and `dmc-admin` commands (SPEC §6)."""
