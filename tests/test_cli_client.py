@@ -137,9 +137,11 @@ def test_bootstrap_to_a_closed_port_says_the_ca_is_unreachable(svid_dir: Path) -
 
 def test_bootstrap_addr_overrides_port_plus_one(svid_dir: Path) -> None:
     boot = closed_address()
-    argv = ["--ca", "127.0.0.1:1", "--bundle", svid_dir / "bundle.pem", "--token", "t"]
+    argv: list[str | Path] = ["--ca", "127.0.0.1:1", "--bundle", svid_dir / "bundle.pem"]
 
-    line = error_line(dmc("bootstrap", *argv, "--out", svid_dir, "--bootstrap-addr", boot))
+    line = error_line(
+        dmc("bootstrap", *argv, "--token", "t", "--out", svid_dir, "--bootstrap-addr", boot)
+    )
 
     assert line.startswith(f"error: UNAVAILABLE: the CA at {boot} is unreachable")
 

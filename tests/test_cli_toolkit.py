@@ -432,7 +432,7 @@ def tls_server() -> Iterator[_TlsServer]:
     serving = make_leaf(root, uris=["spiffe://example.org/dmc/ca"], ip_addresses=["127.0.0.1"])
     client = make_leaf(root, uris=["spiffe://example.org/web"])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handler = grpc.unary_unary_rpc_method_handler(_deny)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(_deny)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("test.Deny", {"Call": handler}),)
     )
@@ -457,7 +457,10 @@ def _call(address: str, roots: bytes, client: CertAndKey | None) -> str:
 
     def command() -> None:
         with grpc.secure_channel(address, credentials) as channel, calls_to(address):
-            channel.unary_unary("/test.Deny/Call")(b"", timeout=10)
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/test.Deny/Call"
+            )
+            call(b"", timeout=10)
 
     err = io.StringIO()
     assert run_command(command, err=err) == 1
