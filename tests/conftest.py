@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from ca_harness import CaHarness
 from dmc_ca.etcd_process import EtcdProcess
 from dmc_ca.store import Store
 from etcd3aio import Etcd3Client
@@ -133,3 +134,30 @@ async def etcd_proxy(private_etcd: EtcdProcess) -> AsyncIterator[TcpProxy]:
         yield proxy
     finally:
         await proxy.cut()
+
+
+@pytest.fixture(scope="session")
+def dev_ca(etcd: EtcdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaHarness]:
+    """One CA replica for the session on the session etcd (entries made by tests differ)."""
+    harness = CaHarness(
+        etcd.endpoint,
+        "/dmc-session/",
+        tmp_path_factory.mktemp("dev-ca"),
+        trust_domain=TRUST_DOMAIN,
+    )
+    harness.start()
+    try:
+        yield harness
+    finally:
+        harness.stop()
+
+
+@pytest.fixture
+def ca(etcd: EtcdProcess, etcd_prefix: str, tmp_path: Path) -> Iterator[CaHarness]:
+    """A CA replica of the test's own (its own prefix and data folder) on the session etcd."""
+    harness = CaHarness(etcd.endpoint, etcd_prefix, tmp_path / "ca", trust_domain=TRUST_DOMAIN)
+    harness.start()
+    try:
+        yield harness
+    finally:
+        harness.stop()

@@ -2,9 +2,7 @@
 
 The first part needs no CA: refusals the command makes itself, and the error lines for a CA
 that cannot be reached. The second part runs bootstrap, renew and delegate end to end
-against a real dev CA: it needs the ``dev_ca`` fixture of ``tests/conftest.py`` (``.address``,
-``.bootstrap_address``, ``.data_dir`` holding admin.pem, admin.key and bundle.pem,
-``.trust_domain``) and is skipped while that fixture does not exist.
+against the session's CA replica, the ``dev_ca`` fixture of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -216,12 +214,9 @@ def test_delegate_refuses_bad_input_before_any_call(
 
 
 @pytest.fixture
-def ca(request: pytest.FixtureRequest) -> Any:
-    """The ``dev_ca`` fixture of tests/conftest.py; the test is skipped until it exists."""
-    try:
-        return request.getfixturevalue("dev_ca")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the dev_ca fixture of tests/conftest.py (a running dmc-ca dev)")
+def ca(dev_ca: Any) -> Any:
+    """The session's CA replica (tests/conftest.py)."""
+    return dev_ca
 
 
 @pytest.fixture
