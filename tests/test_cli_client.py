@@ -214,23 +214,17 @@ def test_delegate_refuses_bad_input_before_any_call(
 
 
 @pytest.fixture
-def ca(dev_ca: Any) -> Any:
-    """The session's CA replica (tests/conftest.py)."""
-    return dev_ca
-
-
-@pytest.fixture
-def admin(ca: Any) -> Iterator[admin_pb2_grpc.AdminStub]:
-    credential = load_credential_dir(ca.data_dir, "admin")
+def admin(dev_ca: Any) -> Iterator[admin_pb2_grpc.AdminStub]:
+    credential = load_credential_dir(dev_ca.data_dir, "admin")
     with ca_channel(
-        ca.address, credential.bundle_pem, credential.chain_pem, credential.key_pem
+        dev_ca.address, credential.bundle_pem, credential.chain_pem, credential.key_pem
     ) as channel:
         yield admin_pb2_grpc.AdminStub(channel)
 
 
-def new_identity(ca: Any, admin: admin_pb2_grpc.AdminStub, **scope: Any) -> str:
+def new_identity(dev_ca: Any, admin: admin_pb2_grpc.AdminStub, **scope: Any) -> str:
     """Create an entry for a fresh SPIFFE ID below /cli; return the ID."""
-    spiffe_id = f"spiffe://{ca.trust_domain}/cli/{uuid.uuid4().hex}"
+    spiffe_id = f"spiffe://{dev_ca.trust_domain}/cli/{uuid.uuid4().hex}"
     entry = admin_pb2.Entry(
         spiffe_id=spiffe_id,
         permissions=scope.get("permissions", ["*"]),
@@ -247,11 +241,11 @@ def join_token(admin: admin_pb2_grpc.AdminStub, spiffe_id: str) -> str:
     return token
 
 
-def bootstrap(ca: Any, token: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def bootstrap(dev_ca: Any, token: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """``dmc bootstrap`` at the dev CA's bootstrap listener (``extra`` may name another)."""
     return dmc(
-        "bootstrap", "--ca", ca.address, "--bundle", ca.data_dir / "bundle.pem",
-        "--token", token, "--out", out, "--bootstrap-addr", ca.bootstrap_address, *extra,
+        "bootstrap", "--ca", dev_ca.address, "--bundle", dev_ca.data_dir / "bundle.pem",
+        "--token", token, "--out", out, "--bootstrap-addr", dev_ca.bootstrap_address, *extra,
     )  # fmt: skip
 
 
@@ -259,22 +253,20 @@ def leaf_of(folder: Path, name: str = "svid") -> x509.Certificate:
     return load_certificates_file(folder / f"{name}.pem")[0]
 
 
-def bootstrapped(ca: Any, admin: admin_pb2_grpc.AdminStub, out: Path, **scope: Any) -> str:
-    spiffe_id = new_identity(ca, admin, **scope)
-    result = bootstrap(
-        ca, join_token(admin, spiffe_id), out, "--bootstrap-addr", ca.bootstrap_address
-    )
+def bootstrapped(dev_ca: Any, admin: admin_pb2_grpc.AdminStub, out: Path, **scope: Any) -> str:
+    spiffe_id = new_identity(dev_ca, admin, **scope)
+    result = bootstrap(dev_ca, join_token(admin, spiffe_id), out)
     assert result.returncode == 0, result.stderr
     return spiffe_id
 
 
 def test_bootstrap_writes_a_verifying_svid_with_a_private_key(
-    ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
+    dev_ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
 ) -> None:
-    spiffe_id = new_identity(ca, admin)
+    spiffe_id = new_identity(dev_ca, admin)
     out = tmp_path / "web"
 
-    result = bootstrap(ca, join_token(admin, spiffe_id), out, "--output", "json")
+    result = bootstrap(dev_ca, join_token(admin, spiffe_id), out, "--output", "json")
 
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
@@ -291,11 +283,11 @@ def test_bootstrap_writes_a_verifying_svid_with_a_private_key(
 
 @pytest.mark.parametrize("key_type", ["ec-p384", "rsa-2048"])
 def test_bootstrap_makes_the_chosen_key_type(
-    ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path, key_type: str
+    dev_ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path, key_type: str
 ) -> None:
-    spiffe_id = new_identity(ca, admin)
+    spiffe_id = new_identity(dev_ca, admin)
 
-    result = bootstrap(ca, join_token(admin, spiffe_id), tmp_path, "--key-type", key_type)
+    result = bootstrap(dev_ca, join_token(admin, spiffe_id), tmp_path, "--key-type", key_type)
 
     assert result.returncode == 0, result.stderr
     key = load_private_key_file(tmp_path / "svid.key")
@@ -305,34 +297,36 @@ def test_bootstrap_makes_the_chosen_key_type(
 
 
 def test_spent_token_is_refused_and_nothing_is_written(
-    ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
+    dev_ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
 ) -> None:
-    token = join_token(admin, new_identity(ca, admin))
-    assert bootstrap(ca, token, tmp_path / "first").returncode == 0
+    token = join_token(admin, new_identity(dev_ca, admin))
+    assert bootstrap(dev_ca, token, tmp_path / "first").returncode == 0
 
-    line = error_line(bootstrap(ca, token, tmp_path / "second"))
+    line = error_line(bootstrap(dev_ca, token, tmp_path / "second"))
 
     assert line.startswith("error: UNAUTHENTICATED: ")
     assert not (tmp_path / "second").exists()
 
 
 def test_bootstrap_sent_to_the_mtls_port_says_the_ca_refused_the_certificate(
-    ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
+    dev_ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
 ) -> None:
-    token = join_token(admin, new_identity(ca, admin))
+    token = join_token(admin, new_identity(dev_ca, admin))
 
-    line = error_line(bootstrap(ca, token, tmp_path, "--bootstrap-addr", ca.address))
+    line = error_line(bootstrap(dev_ca, token, tmp_path, "--bootstrap-addr", dev_ca.address))
 
-    assert line.startswith(f"error: UNAVAILABLE: the CA at {ca.address} refused the certificate")
+    assert line.startswith(
+        f"error: UNAVAILABLE: the CA at {dev_ca.address} refused the certificate"
+    )
 
 
 def test_renew_replaces_key_and_certificate_keeping_the_id(
-    ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
+    dev_ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
 ) -> None:
-    spiffe_id = bootstrapped(ca, admin, tmp_path)
+    spiffe_id = bootstrapped(dev_ca, admin, tmp_path)
     before_leaf, before_key = leaf_of(tmp_path), (tmp_path / "svid.key").read_bytes()
 
-    result = dmc("renew", "--ca", ca.address, "--dir", tmp_path, "--output", "json")
+    result = dmc("renew", "--ca", dev_ca.address, "--dir", tmp_path, "--output", "json")
 
     assert result.returncode == 0, result.stderr
     after = leaf_of(tmp_path)
@@ -343,12 +337,12 @@ def test_renew_replaces_key_and_certificate_keeping_the_id(
     assert stat.S_IMODE((tmp_path / "svid.key").stat().st_mode) == 0o600
 
 
-def test_renew_admin_renews_the_admin_credential(ca: Any, tmp_path: Path) -> None:
+def test_renew_admin_renews_the_admin_credential(dev_ca: Any, tmp_path: Path) -> None:
     for name in ("admin.pem", "admin.key", "bundle.pem"):
-        shutil.copy(ca.data_dir / name, tmp_path / name)
+        shutil.copy(dev_ca.data_dir / name, tmp_path / name)
     before = leaf_of(tmp_path, "admin")
 
-    result = dmc("renew", "--ca", ca.address, "--dir", tmp_path, "--name", "admin")
+    result = dmc("renew", "--ca", dev_ca.address, "--dir", tmp_path, "--name", "admin")
 
     assert result.returncode == 0, result.stderr
     after = leaf_of(tmp_path, "admin")
@@ -356,29 +350,31 @@ def test_renew_admin_renews_the_admin_credential(ca: Any, tmp_path: Path) -> Non
     assert after.extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     ).value.get_values_for_type(x509.UniformResourceIdentifier) == [
-        f"spiffe://{ca.trust_domain}/dmc/admin"
+        f"spiffe://{dev_ca.trust_domain}/dmc/admin"
     ]
 
 
 def test_renew_with_a_certificate_of_another_authority_is_refused_by_the_ca(
-    ca: Any, svid_dir: Path
+    dev_ca: Any, svid_dir: Path
 ) -> None:
-    shutil.copy(ca.data_dir / "bundle.pem", svid_dir / "bundle.pem")
+    shutil.copy(dev_ca.data_dir / "bundle.pem", svid_dir / "bundle.pem")
 
-    line = error_line(dmc("renew", "--ca", ca.address, "--dir", svid_dir))
+    line = error_line(dmc("renew", "--ca", dev_ca.address, "--dir", svid_dir))
 
-    assert line.startswith(f"error: UNAVAILABLE: the CA at {ca.address} refused the certificate")
+    assert line.startswith(
+        f"error: UNAVAILABLE: the CA at {dev_ca.address} refused the certificate"
+    )
 
 
 def test_delegate_writes_a_narrower_svid_naming_its_delegator(
-    ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
+    dev_ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
 ) -> None:
-    parent = bootstrapped(ca, admin, tmp_path / "web")
-    db = f"spiffe://{ca.trust_domain}/db"
+    parent = bootstrapped(dev_ca, admin, tmp_path / "web")
+    db = f"spiffe://{dev_ca.trust_domain}/db"
     child = f"{parent}/job"
 
     result = dmc(
-        "delegate", "--ca", ca.address, "--dir", tmp_path / "web", "--spiffe-id", child,
+        "delegate", "--ca", dev_ca.address, "--dir", tmp_path / "web", "--spiffe-id", child,
         "--permission", "/demo.Echo/Say", "--audience", db, "--max-depth", "0", "--ttl", "5m",
         "--out", tmp_path / "job",
     )  # fmt: skip
@@ -396,12 +392,12 @@ def test_delegate_writes_a_narrower_svid_naming_its_delegator(
 
 
 def test_delegate_wider_than_the_caller_is_permission_denied(
-    ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
+    dev_ca: Any, admin: admin_pb2_grpc.AdminStub, tmp_path: Path
 ) -> None:
-    parent = bootstrapped(ca, admin, tmp_path / "web", permissions=["/demo.Echo/*"])
+    parent = bootstrapped(dev_ca, admin, tmp_path / "web", permissions=["/demo.Echo/*"])
 
     result = dmc(
-        "delegate", "--ca", ca.address, "--dir", tmp_path / "web", "--spiffe-id",
+        "delegate", "--ca", dev_ca.address, "--dir", tmp_path / "web", "--spiffe-id",
         f"{parent}/x", "--permission", "/other.Svc/*", "--audience", "*", "--max-depth", "0",
         "--ttl", "5m", "--out", tmp_path / "x",
     )  # fmt: skip

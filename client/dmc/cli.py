@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ from dmc._cli import (
 )
 from dmc.connect import (
     BUNDLE_FILE,
+    Credential,
     bootstrap_address,
     ca_channel,
     is_ca_certificate,
@@ -52,8 +53,8 @@ __all__ = ["build_parser", "main"]
 
 SVID_NAME = "svid"
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
-# Long enough for a CA under load, short enough that a hung CA does not hang a script.
-RPC_TIMEOUT_SECONDS = 30.0
+# Seconds; long enough for a CA under load, short enough that a hung CA does not hang a script.
+_TIMEOUT = 30.0
 
 _KEY_MODE = 0o600
 _PUBLIC_MODE = 0o644
@@ -200,10 +201,12 @@ def _bootstrap(args: argparse.Namespace) -> None:
     # The CA binds the SPIFFE ID from the token's entry; the CSR only proves the key.
     request = ca_pb2.BootstrapRequest(join_token=args.token, csr=_csr(key, spiffe_id=None))
 
-    with ca_channel(target, certificates_to_pem(roots)) as channel, calls_to(target):
-        response = ca_pb2_grpc.CertificateAuthorityStub(channel).Bootstrap(
-            request, timeout=RPC_TIMEOUT_SECONDS
-        )
+    response = _call_ca(
+        target,
+        certificates_to_pem(roots),
+        None,
+        lambda ca: ca.Bootstrap(request, timeout=_TIMEOUT),
+    )
 
     issued = _read_response(response, key, roots)
     _report(args.output, issued, _write_credential(Path(args.out), SVID_NAME, issued))
@@ -215,15 +218,9 @@ def _renew(args: argparse.Namespace) -> None:
     key = _new_key_like(credential.key)
     request = ca_pb2.RenewRequest(csr=_csr(key, current.spiffe_id))
 
-    with (
-        ca_channel(
-            args.ca, credential.bundle_pem, credential.chain_pem, credential.key_pem
-        ) as channel,
-        calls_to(args.ca),
-    ):
-        response = ca_pb2_grpc.CertificateAuthorityStub(channel).Renew(
-            request, timeout=RPC_TIMEOUT_SECONDS
-        )
+    response = _call_ca(
+        args.ca, credential.bundle_pem, credential, lambda ca: ca.Renew(request, timeout=_TIMEOUT)
+    )
 
     issued = _read_response(response, key, credential.bundle, expected_id=current.spiffe_id)
     _report(args.output, issued, _write_credential(Path(args.dir), args.name, issued))
@@ -248,15 +245,12 @@ def _delegate(args: argparse.Namespace) -> None:
         ttl_seconds=ttl_seconds,
     )
 
-    with (
-        ca_channel(
-            args.ca, credential.bundle_pem, credential.chain_pem, credential.key_pem
-        ) as channel,
-        calls_to(args.ca),
-    ):
-        response = ca_pb2_grpc.CertificateAuthorityStub(channel).Delegate(
-            request, timeout=RPC_TIMEOUT_SECONDS
-        )
+    response = _call_ca(
+        args.ca,
+        credential.bundle_pem,
+        credential,
+        lambda ca: ca.Delegate(request, timeout=_TIMEOUT),
+    )
 
     issued = _read_response(response, key, credential.bundle, expected_id=child_id)
     _report(args.output, issued, _write_credential(Path(args.out), SVID_NAME, issued))
@@ -297,6 +291,18 @@ def _agent(args: argparse.Namespace) -> None:
 # -- helpers -------------------------------------------------------------------------------
 
 
+def _call_ca(
+    address: str,
+    bundle_pem: bytes,
+    credential: Credential | None,
+    rpc: Callable[[ca_pb2_grpc.CertificateAuthorityStub], ca_pb2.SVIDResponse],
+) -> ca_pb2.SVIDResponse:
+    """Make one call to the CA at ``address``, with mTLS as ``credential`` when given."""
+    chain_pem, key_pem = (credential.chain_pem, credential.key_pem) if credential else (None, None)
+    with ca_channel(address, bundle_pem, chain_pem, key_pem) as channel, calls_to(address):
+        return rpc(ca_pb2_grpc.CertificateAuthorityStub(channel))
+
+
 def _new_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     match key_type:
         case "ec-p256":
@@ -327,11 +333,9 @@ def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, spiffe_id: SpiffeI
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
             critical=True,
         )
-    digest = (
-        hashes.SHA384()
-        if isinstance(key, ec.EllipticCurvePrivateKey) and (key.curve.key_size > 256)
-        else hashes.SHA256()
-    )
+    # A P-384 key signs with SHA-384, to match its strength; the others with SHA-256.
+    large_curve = isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256
+    digest = hashes.SHA384() if large_curve else hashes.SHA256()
     return builder.sign(key, digest).public_bytes(serialization.Encoding.DER)
 
 

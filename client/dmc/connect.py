@@ -15,8 +15,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from dmc.errors import InvalidArgument, InvalidPem
 from dmc.pem import (
     certificates_to_pem,
@@ -151,7 +150,7 @@ def load_credential(
     key = load_private_key_file(key_path)
     bundle = load_bundle_file(bundle_path)
 
-    if _public_der(key.public_key()) != _public_der(chain[0].public_key()):
+    if key.public_key() != chain[0].public_key():
         raise InvalidArgument(
             f"{os.fspath(key_path)} is not the private key of the certificate in "
             f"{os.fspath(cert_path)}"
@@ -178,9 +177,3 @@ def _check_ipv6(host: str, address: str) -> None:
         ipaddress.IPv6Address(host)
     except ValueError:
         raise InvalidArgument(f"address {address!r}: {host!r} is not an IPv6 address") from None
-
-
-def _public_der(key: PublicKeyTypes) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
