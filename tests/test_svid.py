@@ -18,6 +18,8 @@ from dmc.svid import NOT_BEFORE_BACKDATE, Svid, parse_svid, verify_chain
 CASES = Path(__file__).parent / "cases"
 CASE_005 = CASES / "005-svid-with-several-uri-sans"
 CASE_008 = CASES / "008-empty-subject-san-not-critical"
+# Reset before each test (see _fresh_now): leaves made during a test are issued "now", and a
+# time taken when the module was imported may lie more than the 30 s back-dating before it.
 NOW = datetime.now(UTC).replace(microsecond=0)
 WORKLOAD = "spiffe://example.org/workload"
 
@@ -26,7 +28,13 @@ def _pem(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    global NOW
+    NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture
 def root() -> CertAndKey:
     return make_root("example.org", now=NOW)
 
