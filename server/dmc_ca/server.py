@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import grpc.aio
@@ -39,7 +39,7 @@ __all__ = ["CaServer", "ListenAddress", "serving_names"]
 _log = logging.getLogger(__name__)
 
 SERVING_SVID_TTL_SECONDS = 3600
-_CHECK_INTERVAL_SECONDS = 5.0
+_RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,16 +217,31 @@ class CaServer:
         _log.info("serving mTLS on %s, bootstrap on %s", self.address, self.bootstrap_address)
 
     async def _keep_serving_svid(self) -> None:
-        while True:
-            await asyncio.sleep(_CHECK_INTERVAL_SECONDS)
-            try:
-                due = datetime.now(UTC) >= self._renew_after
-                if due or self._ca.bundle().sequence != self._bundle_sequence:
-                    self._refresh()
-            except Exception:
-                # A CA that cannot renew its own certificate keeps serving the current one
-                # and tries again at the next tick.
-                _log.exception("could not renew the serving SVID")
+        # Woken by every new view of etcd (a bundle change reissues at once, so the next
+        # handshake trusts a prepared authority) and by the renewal deadline.
+        subscription = self._store.subscribe()
+        views = aiter(subscription)
+        try:
+            while True:
+                wait = (self._renew_after - datetime.now(UTC)).total_seconds()
+                try:
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        await anext(views)
+                except TimeoutError:
+                    pass
+                except StopAsyncIteration:
+                    return
+                try:
+                    due = datetime.now(UTC) >= self._renew_after
+                    if due or self._ca.bundle().sequence != self._bundle_sequence:
+                        self._refresh()
+                except Exception:
+                    # A CA that cannot renew its own certificate keeps serving the current
+                    # one and tries again a little later.
+                    _log.exception("could not renew the serving SVID")
+                    self._renew_after = datetime.now(UTC) + timedelta(seconds=_RETRY_SECONDS)
+        finally:
+            subscription.close()
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         """Stop both listeners, letting calls in flight finish within the grace period."""
