@@ -1,5 +1,7 @@
 """The records etcd holds (SPEC §5), each a frozen value with a JSON form.
 
+``Revocation`` is :class:`dmc.revocation.Revocation`, shared with the client library.
+
 ``to_json()`` writes compact JSON with sorted keys; ``from_json()`` reads it back and
 raises :class:`~dmc.errors.InvalidArgument` naming the record and the field when the
 bytes are not such a record. Unknown fields are ignored, so a newer replica may add
@@ -17,9 +19,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from dmc.errors import InvalidArgument
+from dmc.revocation import Revocation, RevocationKind
 from dmc.spiffe_id import SpiffeId
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "Entry",
     "JoinToken",
     "Revocation",
+    "RevocationKind",
     "validate_authority_id",
     "validate_dns_name",
 ]
@@ -239,55 +243,6 @@ class AuthorityRecord:
             certificate_chain_pem=self.certificate_chain_pem,
             sealed_key=self.sealed_key,
             created_at=self.created_at,
-        )
-
-
-RevocationKind = Literal["serial", "id"]
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """A revoked serial (lower-case hex) or SPIFFE ID (SPEC §3, §5)."""
-
-    kind: RevocationKind
-    value: str
-    reason: str
-    revoked_at: datetime
-    expires_at: datetime
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("serial", "id"):
-            raise InvalidArgument(f"revocation kind {self.kind!r} is not 'serial' or 'id'")
-        _check_type("revocation", "value", self.value, str)
-        _check_type("revocation", "reason", self.reason, str)
-        _check_time("revocation", "revoked_at", self.revoked_at)
-        _check_time("revocation", "expires_at", self.expires_at)
-
-    def to_json(self) -> bytes:
-        """The revocation as etcd stores it."""
-        return _dump(
-            {
-                "kind": self.kind,
-                "value": self.value,
-                "reason": self.reason,
-                "revoked_at": _format_time(self.revoked_at),
-                "expires_at": _format_time(self.expires_at),
-            }
-        )
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Self:
-        """Read a revocation written by :meth:`to_json`."""
-        obj = _load("revocation", data)
-        kind = _string("revocation", obj, "kind")
-        if kind not in ("serial", "id"):
-            raise InvalidArgument(f"revocation JSON: kind {kind!r} is not 'serial' or 'id'")
-        return cls(
-            kind="serial" if kind == "serial" else "id",
-            value=_string("revocation", obj, "value"),
-            reason=_string("revocation", obj, "reason"),
-            revoked_at=_time("revocation", obj, "revoked_at"),
-            expires_at=_time("revocation", obj, "expires_at"),
         )
 
 
