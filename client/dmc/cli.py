@@ -11,15 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from dmc._cli import (
     CommandError,
     CommandParser,
@@ -32,6 +27,7 @@ from dmc._cli import (
     parse_duration,
     run_command,
 )
+from dmc._issuance import KEY_TYPES, Issued, csr_for, new_key, new_key_like, read_svid_response
 from dmc.connect import (
     BUNDLE_FILE,
     Credential,
@@ -46,13 +42,12 @@ from dmc.files import write_atomic
 from dmc.pem import certificates_to_pem, load_certificates_file, private_key_to_pem
 from dmc.scope import MAX_DEPTH, validate_audience, validate_permission
 from dmc.spiffe_id import SpiffeId
-from dmc.svid import Svid, parse_svid, verify_chain
+from dmc.svid import parse_svid
 from dmc.v1 import ca_pb2, ca_pb2_grpc
 
 __all__ = ["build_parser", "main"]
 
 SVID_NAME = "svid"
-KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
 # Seconds; long enough for a CA under load, short enough that a hung CA does not hang a script.
 _TIMEOUT = 30.0
 
@@ -184,22 +179,12 @@ def _max_depth(text: str) -> int:
 # -- sub-commands --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Issued:
-    """A certificate the CA issued for a key made here, with the bundle it sent."""
-
-    svid: Svid
-    chain: Sequence[x509.Certificate]
-    bundle: Sequence[x509.Certificate]
-    key: PrivateKeyTypes
-
-
 def _bootstrap(args: argparse.Namespace) -> None:
     roots = load_bundle_file(args.bundle)
     target = args.bootstrap_addr or bootstrap_address(args.ca)
-    key = _new_key(args.key_type)
+    key = new_key(args.key_type)
     # The CA binds the SPIFFE ID from the token's entry; the CSR only proves the key.
-    request = ca_pb2.BootstrapRequest(join_token=args.token, csr=_csr(key, spiffe_id=None))
+    request = ca_pb2.BootstrapRequest(join_token=args.token, csr=csr_for(key, spiffe_id=None))
 
     response = _call_ca(
         target,
@@ -208,21 +193,21 @@ def _bootstrap(args: argparse.Namespace) -> None:
         lambda ca: ca.Bootstrap(request, timeout=_TIMEOUT),
     )
 
-    issued = _read_response(response, key, roots)
+    issued = read_svid_response(response, key, roots)
     _report(args.output, issued, _write_credential(Path(args.out), SVID_NAME, issued))
 
 
 def _renew(args: argparse.Namespace) -> None:
     credential = load_credential_dir(args.dir, args.name)
     current = parse_svid(credential.chain[0])
-    key = _new_key_like(credential.key)
-    request = ca_pb2.RenewRequest(csr=_csr(key, current.spiffe_id))
+    key = new_key_like(credential.key)
+    request = ca_pb2.RenewRequest(csr=csr_for(key, current.spiffe_id))
 
     response = _call_ca(
         args.ca, credential.bundle_pem, credential, lambda ca: ca.Renew(request, timeout=_TIMEOUT)
     )
 
-    issued = _read_response(response, key, credential.bundle, expected_id=current.spiffe_id)
+    issued = read_svid_response(response, key, credential.bundle, expected_id=current.spiffe_id)
     _report(args.output, issued, _write_credential(Path(args.dir), args.name, issued))
 
 
@@ -235,9 +220,9 @@ def _delegate(args: argparse.Namespace) -> None:
     ttl_seconds = int(args.ttl.total_seconds())
     if ttl_seconds < 1:
         raise InvalidArgument("--ttl must be at least 1s")
-    key = _new_key_like(credential.key)
+    key = new_key_like(credential.key)
     request = ca_pb2.DelegateRequest(
-        csr=_csr(key, child_id),
+        csr=csr_for(key, child_id),
         spiffe_id=str(child_id),
         permissions=permissions,
         audiences=audiences,
@@ -252,7 +237,7 @@ def _delegate(args: argparse.Namespace) -> None:
         lambda ca: ca.Delegate(request, timeout=_TIMEOUT),
     )
 
-    issued = _read_response(response, key, credential.bundle, expected_id=child_id)
+    issued = read_svid_response(response, key, credential.bundle, expected_id=child_id)
     _report(args.output, issued, _write_credential(Path(args.out), SVID_NAME, issued))
 
 
@@ -303,71 +288,7 @@ def _call_ca(
         return rpc(ca_pb2_grpc.CertificateAuthorityStub(channel))
 
 
-def _new_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
-    match key_type:
-        case "ec-p256":
-            return ec.generate_private_key(ec.SECP256R1())
-        case "ec-p384":
-            return ec.generate_private_key(ec.SECP384R1())
-        case "rsa-2048":
-            return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    raise InvalidArgument(f"unknown key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
-
-
-def _new_key_like(key: PrivateKeyTypes) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
-    """A fresh key of the same type and size as ``key``: every renewal changes the key."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return ec.generate_private_key(key.curve)
-    if isinstance(key, rsa.RSAPrivateKey):
-        return rsa.generate_private_key(public_exponent=65537, key_size=key.key_size)
-    # SPEC §2: ECDSA and RSA only; Ed25519 certificates fail gRPC's handshake.
-    raise InvalidArgument(f"the current key is {type(key).__name__}; dmc uses ECDSA or RSA keys")
-
-
-def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, spiffe_id: SpiffeId | None) -> bytes:
-    """A DER CSR with an empty subject, and the SPIFFE ID as its one URI SAN when known."""
-    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-    if spiffe_id is not None:
-        # RFC 5280 §4.1.2.6: with an empty subject the SAN extension is critical.
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
-            critical=True,
-        )
-    # A P-384 key signs with SHA-384, to match its strength; the others with SHA-256.
-    large_curve = isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256
-    digest = hashes.SHA384() if large_curve else hashes.SHA256()
-    return builder.sign(key, digest).public_bytes(serialization.Encoding.DER)
-
-
-def _read_response(
-    response: ca_pb2.SVIDResponse,
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
-    roots: Sequence[x509.Certificate],
-    expected_id: SpiffeId | None = None,
-) -> _Issued:
-    """Check what the CA sent before anything is written: a valid SVID for our key."""
-    if not response.certificate_chain:
-        raise CommandError(grpc.StatusCode.INTERNAL, "the CA answered without a certificate")
-    chain = [x509.load_der_x509_certificate(der) for der in response.certificate_chain]
-    bundle = [
-        x509.load_der_x509_certificate(authority.certificate)
-        for authority in response.bundle.authorities
-    ] or roots
-
-    svid = verify_chain(chain, bundle, datetime.now(UTC))
-    if chain[0].public_key() != key.public_key():
-        raise CommandError(
-            grpc.StatusCode.INTERNAL, "the CA issued a certificate for another public key"
-        )
-    if expected_id is not None and svid.spiffe_id != expected_id:
-        raise CommandError(
-            grpc.StatusCode.INTERNAL,
-            f"the CA issued a certificate for {svid.spiffe_id}, not for {expected_id}",
-        )
-    return _Issued(svid=svid, chain=chain, bundle=bundle, key=key)
-
-
-def _write_credential(folder: Path, name: str, issued: _Issued) -> dict[str, str]:
+def _write_credential(folder: Path, name: str, issued: Issued) -> dict[str, str]:
     """Write key, chain and bundle atomically, the key first; return what went where."""
     folder.mkdir(mode=_FOLDER_MODE, parents=True, exist_ok=True)
     files = {
@@ -381,7 +302,7 @@ def _write_credential(folder: Path, name: str, issued: _Issued) -> dict[str, str
     return {role: os.fspath(path) for role, path in files.items()}
 
 
-def _report(output: str, issued: _Issued, files: dict[str, str]) -> None:
+def _report(output: str, issued: Issued, files: dict[str, str]) -> None:
     emit(
         output,
         {
