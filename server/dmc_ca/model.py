@@ -182,6 +182,8 @@ class AuthorityRecord:
     """A signing authority as etcd holds it; the key is sealed (SPEC §5).
 
     ``certificate_chain_pem`` starts with the signing certificate and ends with the root.
+    ``state_since`` is when it entered its state (``None``: at ``created_at``); for a
+    PREVIOUS authority that is when it stopped signing, which retirement counts from.
     """
 
     id: str
@@ -189,6 +191,7 @@ class AuthorityRecord:
     certificate_chain_pem: bytes
     sealed_key: bytes
     created_at: datetime
+    state_since: datetime | None = None
 
     def __post_init__(self) -> None:
         validate_authority_id(self.id)
@@ -198,18 +201,21 @@ class AuthorityRecord:
             raise InvalidArgument(f"authority {self.id}: certificate_chain_pem is not PEM text")
         _check_type("authority", "sealed_key", self.sealed_key, bytes)
         _check_time("authority", "created_at", self.created_at)
+        if self.state_since is not None:
+            _check_time("authority", "state_since", self.state_since)
 
     def to_json(self) -> bytes:
         """The authority as etcd stores it; the sealed key as base64."""
-        return _dump(
-            {
-                "id": self.id,
-                "state": self.state.value,
-                "certificate_chain_pem": self.certificate_chain_pem.decode("ascii"),
-                "sealed_key": base64.b64encode(self.sealed_key).decode("ascii"),
-                "created_at": _format_time(self.created_at),
-            }
-        )
+        obj = {
+            "id": self.id,
+            "state": self.state.value,
+            "certificate_chain_pem": self.certificate_chain_pem.decode("ascii"),
+            "sealed_key": base64.b64encode(self.sealed_key).decode("ascii"),
+            "created_at": _format_time(self.created_at),
+        }
+        if self.state_since is not None:
+            obj["state_since"] = _format_time(self.state_since)
+        return _dump(obj)
 
     @classmethod
     def from_json(cls, data: bytes) -> Self:
@@ -233,16 +239,20 @@ class AuthorityRecord:
             certificate_chain_pem=_string("authority", obj, "certificate_chain_pem").encode(),
             sealed_key=sealed_key,
             created_at=_time("authority", obj, "created_at"),
+            state_since=_time("authority", obj, "state_since") if "state_since" in obj else None,
         )
 
-    def with_state(self, state: AuthorityState) -> AuthorityRecord:
-        """The same authority in another state."""
+    def with_state(self, state: AuthorityState, at: datetime | None = None) -> AuthorityRecord:
+        """The same authority in another state, entered ``at`` (now by default)."""
+        if state is self.state:
+            return self
         return AuthorityRecord(
             id=self.id,
             state=state,
             certificate_chain_pem=self.certificate_chain_pem,
             sealed_key=self.sealed_key,
             created_at=self.created_at,
+            state_since=(at or datetime.now(UTC)).replace(microsecond=0),
         )
 
 
