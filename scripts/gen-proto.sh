@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the committed gRPC code of proto/ into client/dmc/v1 (plus .pyi stubs).
-# The proto package dmc.v1 is the Python package dmc.v1, so imports come out right through
-# the -I layout. tests/test_generated_code.py fails when the committed code drifts.
+# Regenerates the committed gRPC code of proto/ into client/dmc/v1 and, for the agent's
+# SPIFFE Workload API, client/dmc/agent/_proto (plus .pyi stubs). Each file's path under
+# proto/ is its Python module's path, so imports come out right through the -I layout. tests/test_generated_code.py fails when the committed code drifts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-client}
@@ -12,4 +12,4 @@ bin=$(dirname "$py")
   --plugin=protoc-gen-mypy="$bin/protoc-gen-mypy" \
   --plugin=protoc-gen-mypy_grpc="$bin/protoc-gen-mypy_grpc" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
-  proto/dmc/v1/*.proto >/dev/null
+  proto/dmc/v1/*.proto proto/dmc/agent/_proto/*.proto >/dev/null
