@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x64mc/v1/ca.proto\x12\x06\x64mc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\x10\x42ootstrapRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x1b\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"\x81\x01\n\x0f\x44\x65legateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x03(\t\x12\x11\n\taudiences\x18\x04 \x03(\t\x12\x11\n\tmax_depth\x18\x05 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x04\"\x91\x01\n\x0cSVIDResponse\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x03(\x0c\x12#\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x13.dmc.v1.TrustBundle\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"\x19\n\x17WatchTrustBundleRequest\"\x82\x01\n\tAuthority\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.dmc.v1.AuthorityState\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12&\n\x0b\x61uthorities\x18\x03 \x03(\x0b\x32\x11.dmc.v1.Authority\x12\x1c\n\x14refresh_hint_seconds\x18\x04 \x01(\r\"\x19\n\x17WatchRevocationsRequest\"\xad\x01\n\nRevocation\x12\x10\n\x06serial\x18\x01 \x01(\tH\x00\x12\x13\n\tspiffe_id\x18\x02 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nrevoked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\n\x06target\"}\n\x0fRevocationEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12!\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\x0b\x32\x12.dmc.v1.Revocation\x12#\n\x07removed\x18\x04 \x03(\x0b\x32\x12.dmc.v1.Revocation*Y\n\x0e\x41uthorityState\x12\x1f\n\x1b\x41UTHORITY_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08PREPARED\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\x0c\n\x08PREVIOUS\x10\x03\x32\xa5\x03\n\x14\x43\x65rtificateAuthority\x12;\n\tBootstrap\x12\x18.dmc.v1.BootstrapRequest\x1a\x14.dmc.v1.SVIDResponse\x12\x33\n\x05Renew\x12\x14.dmc.v1.RenewRequest\x1a\x14.dmc.v1.SVIDResponse\x12\x39\n\x08\x44\x65legate\x12\x17.dmc.v1.DelegateRequest\x1a\x14.dmc.v1.SVIDResponse\x12\x44\n\x0eGetTrustBundle\x12\x1d.dmc.v1.GetTrustBundleRequest\x1a\x13.dmc.v1.TrustBundle\x12J\n\x10WatchTrustBundle\x12\x1f.dmc.v1.WatchTrustBundleRequest\x1a\x13.dmc.v1.TrustBundle0\x01\x12N\n\x10WatchRevocations\x12\x1f.dmc.v1.WatchRevocationsRequest\x1a\x17.dmc.v1.RevocationEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x64mc/v1/ca.proto\x12\x06\x64mc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\x10\x42ootstrapRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x1b\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"\x81\x01\n\x0f\x44\x65legateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x03(\t\x12\x11\n\taudiences\x18\x04 \x03(\t\x12\x11\n\tmax_depth\x18\x05 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x04\"\x91\x01\n\x0cSVIDResponse\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x03(\x0c\x12#\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x13.dmc.v1.TrustBundle\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"\x19\n\x17WatchTrustBundleRequest\"\x95\x02\n\tAuthority\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.dmc.v1.AuthorityState\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bstate_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cretirable_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12&\n\x0b\x61uthorities\x18\x03 \x03(\x0b\x32\x11.dmc.v1.Authority\x12\x1c\n\x14refresh_hint_seconds\x18\x04 \x01(\r\"\x19\n\x17WatchRevocationsRequest\"\xad\x01\n\nRevocation\x12\x10\n\x06serial\x18\x01 \x01(\tH\x00\x12\x13\n\tspiffe_id\x18\x02 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nrevoked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\n\x06target\"}\n\x0fRevocationEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12!\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\x0b\x32\x12.dmc.v1.Revocation\x12#\n\x07removed\x18\x04 \x03(\x0b\x32\x12.dmc.v1.Revocation*Y\n\x0e\x41uthorityState\x12\x1f\n\x1b\x41UTHORITY_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08PREPARED\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\x0c\n\x08PREVIOUS\x10\x03\x32\xa5\x03\n\x14\x43\x65rtificateAuthority\x12;\n\tBootstrap\x12\x18.dmc.v1.BootstrapRequest\x1a\x14.dmc.v1.SVIDResponse\x12\x33\n\x05Renew\x12\x14.dmc.v1.RenewRequest\x1a\x14.dmc.v1.SVIDResponse\x12\x39\n\x08\x44\x65legate\x12\x17.dmc.v1.DelegateRequest\x1a\x14.dmc.v1.SVIDResponse\x12\x44\n\x0eGetTrustBundle\x12\x1d.dmc.v1.GetTrustBundleRequest\x1a\x13.dmc.v1.TrustBundle\x12J\n\x10WatchTrustBundle\x12\x1f.dmc.v1.WatchTrustBundleRequest\x1a\x13.dmc.v1.TrustBundle0\x01\x12N\n\x10WatchRevocations\x12\x1f.dmc.v1.WatchRevocationsRequest\x1a\x17.dmc.v1.RevocationEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmc.v1.ca_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUTHORITYSTATE']._serialized_start=1062
-  _globals['_AUTHORITYSTATE']._serialized_end=1151
+  _globals['_AUTHORITYSTATE']._serialized_start=1209
+  _globals['_AUTHORITYSTATE']._serialized_end=1298
   _globals['_BOOTSTRAPREQUEST']._serialized_start=60
   _globals['_BOOTSTRAPREQUEST']._serialized_end=111
   _globals['_RENEWREQUEST']._serialized_start=113
@@ -47,15 +47,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHTRUSTBUNDLEREQUEST']._serialized_start=447
   _globals['_WATCHTRUSTBUNDLEREQUEST']._serialized_end=472
   _globals['_AUTHORITY']._serialized_start=475
-  _globals['_AUTHORITY']._serialized_end=605
-  _globals['_TRUSTBUNDLE']._serialized_start=607
-  _globals['_TRUSTBUNDLE']._serialized_end=730
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=732
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=757
-  _globals['_REVOCATION']._serialized_start=760
-  _globals['_REVOCATION']._serialized_end=933
-  _globals['_REVOCATIONEVENT']._serialized_start=935
-  _globals['_REVOCATIONEVENT']._serialized_end=1060
-  _globals['_CERTIFICATEAUTHORITY']._serialized_start=1154
-  _globals['_CERTIFICATEAUTHORITY']._serialized_end=1575
+  _globals['_AUTHORITY']._serialized_end=752
+  _globals['_TRUSTBUNDLE']._serialized_start=754
+  _globals['_TRUSTBUNDLE']._serialized_end=877
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=879
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=904
+  _globals['_REVOCATION']._serialized_start=907
+  _globals['_REVOCATION']._serialized_end=1080
+  _globals['_REVOCATIONEVENT']._serialized_start=1082
+  _globals['_REVOCATIONEVENT']._serialized_end=1207
+  _globals['_CERTIFICATEAUTHORITY']._serialized_start=1301
+  _globals['_CERTIFICATEAUTHORITY']._serialized_end=1722
 # @@protoc_insertion_point(module_scope)

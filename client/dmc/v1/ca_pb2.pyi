@@ -190,12 +190,29 @@ class Authority(_message.Message):
     CERTIFICATE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STATE_SINCE_FIELD_NUMBER: _builtins.int
+    RETIRABLE_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     certificate: _builtins.bytes
     """The root that the bundle publishes for this authority, DER."""
     state: Global___AuthorityState.ValueType
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the authority was created (prepared or imported)."""
+
+    @_builtins.property
+    def state_since(self) -> _timestamp_pb2.Timestamp:
+        """When it entered its current state; for PREVIOUS, when it stopped signing."""
+
+    @_builtins.property
+    def retirable_at(self) -> _timestamp_pb2.Timestamp:
+        """PREVIOUS only: the earliest time RetireAuthority accepts it without force, once every
+        SVID it signed has expired.
+        """
+
     def __init__(
         self,
         *,
@@ -203,10 +220,13 @@ class Authority(_message.Message):
         certificate: _builtins.bytes = ...,
         state: Global___AuthorityState.ValueType = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        state_since: _timestamp_pb2.Timestamp | None = ...,
+        retirable_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "not_after", b"not_after", "retirable_at", b"retirable_at", "state_since", b"state_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "id", b"id", "not_after", b"not_after", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "created_at", b"created_at", "id", b"id", "not_after", b"not_after", "retirable_at", b"retirable_at", "state", b"state", "state_since", b"state_since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
