@@ -11,10 +11,10 @@ through the RPCs too.
 from __future__ import annotations
 
 import base64
+import functools
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -731,3 +731,282 @@ def test_entry_dns_names_go_into_the_svid_beside_the_uri_san(ca: CaHarness) -> N
             DEFAULT_SVID_TTL,
             dns_names=names,
         )
+
+
+# ---------------------------------------------------------------- delegation (SPEC §3)
+
+TD = "spiffe://example.org"
+DB = (f"{TD}/db",)
+
+
+@pytest.fixture
+def web(ca: CaHarness) -> Workload:
+    """A root SVID of /web with a narrow scope, two hops of delegation left."""
+    spiffe_id = ca.create_entry(
+        "/web",
+        permissions=("/demo.Echo/*", "/demo.Time/Now"),
+        audiences=(f"{TD}/web/*", f"{TD}/db"),
+        max_depth=2,
+    )
+    return bootstrap(ca, spiffe_id)
+
+
+@pytest.mark.parametrize(
+    ("child", "request_scope", "words"),
+    [
+        ("/web/job", {"permissions": ("/other.Svc/*",)}, "permission '/other.Svc/*'"),
+        ("/web/job", {"permissions": ("*",)}, "permission '*'"),
+        ("/web/job", {"permissions": ("/demo.Time/*",)}, "permission '/demo.Time/*'"),
+        ("/web/job", {"permissions": ("/demo.Echo/Say", "/demo.Time/Set")}, "'/demo.Time/Set'"),
+        ("/web/job", {"audiences": (f"{TD}/api",)}, f"audience '{TD}/api'"),
+        ("/web/job", {"audiences": ("*",)}, "audience '*'"),
+        ("/web/job", {"audiences": (f"{TD}/web-evil",)}, f"audience '{TD}/web-evil'"),
+        ("/web/job", {"audiences": (f"{TD}/web-evil/*",)}, f"audience '{TD}/web-evil/*'"),
+        ("/web/job", {"audiences": (f"{TD}/db/*",)}, f"audience '{TD}/db/*'"),
+        ("/web/job", {"max_depth": 2}, "max_depth 2"),
+        ("/web-evil", {}, f"'{TD}/web-evil'"),
+        ("/web-evil/job", {}, f"'{TD}/web-evil/job'"),
+        ("/api", {}, f"'{TD}/api'"),
+        ("/we", {}, f"'{TD}/we'"),
+    ],
+)
+def test_delegation_that_widens_the_callers_scope_is_permission_denied_naming_it(
+    ca: CaHarness, web: Workload, child: str, request_scope: dict[str, Any], words: str
+) -> None:
+    spiffe_id = f"{TD}{child}"
+    asked = {"audiences": (f"{TD}/db",), "max_depth": 0, **request_scope}
+    request = delegate_request(make_csr(new_key(), (spiffe_id,)), spiffe_id, **asked)
+
+    with web.channel(ca) as channel:
+        code, details = refused(ca, lambda: ca_stub(channel).Delegate(request, timeout=TIMEOUT))
+
+    assert code == PERMISSION_DENIED, details
+    assert words in details
+
+
+def test_delegation_into_another_trust_domain_is_permission_denied(
+    ca: CaHarness, web: Workload
+) -> None:
+    spiffe_id = "spiffe://other.org/web/job"
+    request = delegate_request(make_csr(new_key(), (spiffe_id,)), spiffe_id, audiences=())
+
+    with web.channel(ca) as channel:
+        code, details = refused(ca, lambda: ca_stub(channel).Delegate(request, timeout=TIMEOUT))
+
+    assert code == PERMISSION_DENIED, details
+    assert "spiffe://other.org/web/job" in details
+
+
+def test_delegation_from_a_scope_of_depth_zero_is_permission_denied(ca: CaHarness) -> None:
+    caller = bootstrap(ca, ca.create_entry("/leaf", max_depth=0))
+    spiffe_id = f"{TD}/leaf/job"
+    request = delegate_request(make_csr(new_key(), (spiffe_id,)), spiffe_id)
+
+    with caller.channel(ca) as channel:
+        code, details = refused(ca, lambda: ca_stub(channel).Delegate(request, timeout=TIMEOUT))
+
+    assert code == PERMISSION_DENIED, details
+    assert "depth exhausted" in details
+
+
+def test_delegation_chain_names_its_delegators_and_never_outlives_the_parent(
+    ca: CaHarness, web: Workload
+) -> None:
+    before = whole_seconds(datetime.now(UTC))
+    middle = delegate(ca, web, f"{TD}/web/a", audiences=DB, max_depth=1, ttl_seconds=300)
+    after = whole_seconds(datetime.now(UTC))
+    child = delegate(
+        ca,
+        middle,
+        f"{TD}/web/a/b",
+        permissions=("/demo.Echo/Say",),
+        audiences=DB,
+        ttl_seconds=7200,
+    )
+
+    # SPEC §3: C.delegators = P.delegators + [P's ID]; notAfter = now + ttl.
+    scope = middle.scope
+    assert scope.permissions == ("/demo.Echo/*",)
+    assert scope.audiences == (f"{TD}/db",)
+    assert scope.max_depth == 1
+    assert scope.delegators == (f"{TD}/web",)
+    assert scope.not_after is not None
+    assert before + timedelta(seconds=300) <= scope.not_after <= after + timedelta(seconds=300)
+    assert middle.leaf.not_valid_after_utc == scope.not_after
+    # The grandchild asked for 2 h: shortened, not refused, to the parent's hard end.
+    assert child.scope == DelegationScope(
+        permissions=("/demo.Echo/Say",),
+        audiences=(f"{TD}/db",),
+        max_depth=0,
+        delegators=(f"{TD}/web", f"{TD}/web/a"),
+        not_after=scope.not_after,
+    )
+    assert child.leaf.not_valid_after_utc == scope.not_after
+
+
+def test_delegated_svid_cannot_delegate_past_its_depth_or_outside_its_id(
+    ca: CaHarness, web: Workload
+) -> None:
+    middle = delegate(ca, web, f"{TD}/web/a", audiences=DB, max_depth=1)
+    child = delegate(ca, middle, f"{TD}/web/a/b", audiences=DB)
+
+    for caller, spiffe_id, words in (
+        (child, f"{TD}/web/a/b/c", "depth exhausted"),
+        (middle, f"{TD}/web/x", f"'{TD}/web/x'"),
+        (middle, f"{TD}/web", f"'{TD}/web'"),
+    ):
+        request = delegate_request(make_csr(new_key(), (spiffe_id,)), spiffe_id, audiences=DB)
+        with caller.channel(ca) as channel:
+            call = functools.partial(ca_stub(channel).Delegate, request, timeout=TIMEOUT)
+            code, details = refused(ca, call)
+        assert code == PERMISSION_DENIED, details
+        assert words in details
+
+
+def test_delegated_svid_leaf_lives_the_entry_ttl_within_its_scope(ca: CaHarness) -> None:
+    parent = bootstrap(ca, ca.create_entry("/short", ttl_seconds=120, max_depth=1))
+
+    child = delegate(ca, parent, f"{TD}/short/job", ttl_seconds=3600)
+
+    # SPEC §3: each certificate of a delegation lives the entry's SVID TTL, cut at notAfter.
+    leaf = child.leaf
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == BACKDATE + timedelta(
+        seconds=120
+    )
+    assert child.scope.not_after == leaf.not_valid_before_utc + BACKDATE + timedelta(hours=1)
+
+
+def test_delegated_svid_renews_keeping_its_scope_and_hard_end(
+    ca: CaHarness, web: Workload
+) -> None:
+    child = delegate(ca, web, f"{TD}/web/a", audiences=DB, max_depth=1, ttl_seconds=300)
+
+    renewed = renew(ca, child)
+
+    assert uri_sans(renewed.leaf) == [f"{TD}/web/a"]
+    assert renewed.scope == child.scope
+    assert renewed.leaf.serial_number != child.leaf.serial_number
+    assert renewed.leaf.not_valid_after_utc == child.scope.not_after
+    # And it still delegates with what it holds.
+    grandchild = delegate(ca, renewed, f"{TD}/web/a/b", audiences=DB)
+    assert grandchild.scope.delegators == (f"{TD}/web", f"{TD}/web/a")
+
+
+def test_root_svid_renews_taking_its_entrys_current_scope(ca: CaHarness) -> None:
+    spiffe_id = ca.create_entry("/web", permissions=("/a.A/*",), audiences=("*",), max_depth=0)
+    workload = bootstrap(ca, spiffe_id)
+    with ca.admin_channel() as channel:
+        admin_stub(channel).DeleteEntry(
+            admin_pb2.DeleteEntryRequest(spiffe_id=spiffe_id), timeout=TIMEOUT
+        )
+    ca.create_entry("/web", permissions=("/b.B/*",), audiences=(f"{TD}/db",), max_depth=1)
+
+    renewed = renew(ca, workload)
+
+    assert workload.scope == root_svid_scope(("/a.A/*",), ("*",), 0)
+    assert renewed.scope == root_svid_scope(("/b.B/*",), (f"{TD}/db",), 1)
+
+
+def test_renewal_after_the_entry_is_deleted_is_permission_denied(ca: CaHarness) -> None:
+    spiffe_id = ca.create_entry("/web")
+    workload = bootstrap(ca, spiffe_id)
+    with ca.admin_channel() as channel:
+        admin_stub(channel).DeleteEntry(
+            admin_pb2.DeleteEntryRequest(spiffe_id=spiffe_id), timeout=TIMEOUT
+        )
+    request = ca_pb2.RenewRequest(csr=make_csr(new_key(), (spiffe_id,)))
+
+    with workload.channel(ca) as channel:
+        code, details = refused(ca, lambda: ca_stub(channel).Renew(request, timeout=TIMEOUT))
+
+    assert code == PERMISSION_DENIED, details
+    assert spiffe_id in details
+
+
+# ---------------------------------------------------------------- the Admin service
+
+
+def test_admin_service_refuses_a_caller_whose_scope_lacks_the_method(ca: CaHarness) -> None:
+    workload = bootstrap(ca, ca.create_entry("/web", permissions=("/demo.Echo/*",)))
+
+    with workload.channel(ca) as channel:
+        stub = admin_stub(channel)
+        code, details = refused(
+            ca, lambda: stub.ListEntries(admin_pb2.ListEntriesRequest(), timeout=TIMEOUT)
+        )
+
+    assert code == PERMISSION_DENIED, details
+    assert "/dmc.v1.Admin/ListEntries" in details
+
+
+def test_admin_service_serves_exactly_the_methods_the_scope_permits(ca: CaHarness) -> None:
+    reader = bootstrap(ca, ca.create_entry("/ops", permissions=("/dmc.v1.Admin/ListEntries",)))
+    entry = admin_pb2.Entry(spiffe_id=f"{TD}/new", permissions=["*"], audiences=["*"])
+
+    with reader.channel(ca) as channel:
+        stub = admin_stub(channel)
+        listed = stub.ListEntries(admin_pb2.ListEntriesRequest(), timeout=TIMEOUT)
+        code, details = refused(
+            ca,
+            lambda: stub.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=TIMEOUT),
+        )
+
+    assert f"{TD}/ops" in [e.spiffe_id for e in listed.entries]
+    assert code == PERMISSION_DENIED, details
+    assert "/dmc.v1.Admin/CreateEntry" in details
+
+
+def test_delegated_admin_scope_is_enforced_on_the_admin_service(ca: CaHarness) -> None:
+    ops = bootstrap(ca, ca.create_entry("/ops", permissions=("/dmc.v1.Admin/*",), max_depth=1))
+    reader = delegate(
+        ca, ops, f"{TD}/ops/reader", permissions=("/dmc.v1.Admin/GetEntry",), audiences=()
+    )
+
+    with reader.channel(ca) as channel:
+        stub = admin_stub(channel)
+        entry = stub.GetEntry(admin_pb2.GetEntryRequest(spiffe_id=f"{TD}/ops"), timeout=TIMEOUT)
+        code, _ = refused(
+            ca, lambda: stub.ListEntries(admin_pb2.ListEntriesRequest(), timeout=TIMEOUT)
+        )
+
+    assert entry.spiffe_id == f"{TD}/ops"
+    assert code == PERMISSION_DENIED
+
+
+def test_admin_entry_cannot_be_deleted(ca: CaHarness) -> None:
+    admin_id = f"{TD}/dmc/admin"
+    request = admin_pb2.DeleteEntryRequest(spiffe_id=admin_id)
+
+    with ca.admin_channel() as channel:
+        stub = admin_stub(channel)
+        code, details = refused(ca, lambda: stub.DeleteEntry(request, timeout=TIMEOUT))
+        still = stub.GetEntry(admin_pb2.GetEntryRequest(spiffe_id=admin_id), timeout=TIMEOUT)
+
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert admin_id in details
+    assert list(still.permissions) == ["/dmc.v1.Admin/*"]
+
+
+def test_entry_claiming_a_dns_name_another_id_holds_is_refused(ca: CaHarness) -> None:
+    holder = ca.create_entry("/web", dns_names=("web.example.org",))
+    entry = admin_pb2.Entry(
+        spiffe_id=f"{TD}/impostor",
+        permissions=["*"],
+        audiences=["*"],
+        dns_names=["other.example.org", "web.example.org"],
+    )
+
+    with ca.admin_channel() as channel:
+        stub = admin_stub(channel)
+        code, details = refused(
+            ca,
+            lambda: stub.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=TIMEOUT),
+        )
+        listed = stub.ListEntries(admin_pb2.ListEntriesRequest(), timeout=TIMEOUT)
+
+    assert code == grpc.StatusCode.ALREADY_EXISTS, details
+    assert "web.example.org" in details
+    assert holder in details
+    assert f"{TD}/impostor" not in [e.spiffe_id for e in listed.entries]
+    # The name that was free was not claimed either: another ID may take it.
+    ca.create_entry("/other", dns_names=("other.example.org",))
