@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -190,7 +191,9 @@ def _values_for(fd: FieldDescriptor, strings: list[str], blobs: list[bytes]) -> 
     if fd.type == FieldDescriptor.TYPE_BYTES:
         return list(blobs)
     if fd.type == FieldDescriptor.TYPE_ENUM:
-        return [0, 2**31 - 1, -1, *(v.number for v in fd.enum_type.values)]
+        # Proto3 enums are open: numbers outside the declared values must parse too.
+        declared = [v.number for v in fd.enum_type.values] if fd.enum_type else []
+        return [0, 2**31 - 1, -1, *declared]
     return list(_SCALARS.get(fd.type, []))
 
 
@@ -200,7 +203,7 @@ def _mutations(
     """Every field of the request (nested ones too) set to each hostile value in turn."""
     yield Hostile("(empty request)", b"")
 
-    def walk(descriptor: Descriptor, trail: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    def walk(descriptor: Any, trail: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
         for fd in descriptor.fields:
             here = (*trail, fd.name)
             if fd.type == FieldDescriptor.TYPE_MESSAGE and not fd.is_repeated:
@@ -208,7 +211,7 @@ def _mutations(
             elif fd.type != FieldDescriptor.TYPE_MESSAGE:
                 yield here
 
-    def target(request: Message, trail: tuple[str, ...]) -> tuple[Message, FieldDescriptor]:
+    def target(request: Message, trail: tuple[str, ...]) -> tuple[Message, Any]:
         for name in trail[:-1]:
             request = getattr(request, name)
         return request, request.DESCRIPTOR.fields_by_name[trail[-1]]
@@ -338,7 +341,10 @@ def _call(
 ) -> tuple[grpc.StatusCode, str]:
     """Send raw bytes; for a stream, wait for its first message or its status."""
     if method.server_streaming:
-        stream = channel.unary_stream(_path(method))(payload, timeout=CALL_TIMEOUT_SECONDS)
+        stream: Any = channel.unary_stream(_path(method))(
+            payload,  # type: ignore[arg-type]  # raw bytes: no serializer
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
         try:
             next(stream)
         except StopIteration:
@@ -349,7 +355,10 @@ def _call(
             stream.cancel()
         return grpc.StatusCode.OK, ""
     try:
-        channel.unary_unary(_path(method))(payload, timeout=CALL_TIMEOUT_SECONDS)
+        channel.unary_unary(_path(method))(
+            payload,  # type: ignore[arg-type]  # raw bytes: no serializer
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
     except grpc.RpcError as error:
         return error.code(), error.details() or ""
     return grpc.StatusCode.OK, ""
