@@ -2,6 +2,7 @@
 
 Renew and Delegate read only the store's in-memory view (SPEC §5), so they need no etcd
 round trip; Bootstrap spends its token in an etcd transaction, and Admin writes go to etcd.
+Revocations are in the view too: refusing a revoked caller costs a few dict lookups.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dmc.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from dmc.revocation import Revocation, RevocationKind, normalize_serial
 from dmc.scope import (
     MAX_DEPTH,
     DelegationScope,
@@ -34,11 +36,20 @@ from dmc.scope import (
 from dmc.spiffe_id import SpiffeId
 from dmc.svid import Svid, parse_svid
 
-from dmc_ca.authorities import TrustBundle, bundle_of, unseal_authority
+from dmc_ca.authorities import (
+    BundleAuthority,
+    TrustBundle,
+    bundle_of,
+    new_authority,
+    plan_activation,
+    plan_retirement,
+    unseal_authority,
+)
 from dmc_ca.csr import check_csr
+from dmc_ca.keys import KeyType
 from dmc_ca.model import AuthorityState, Entry, JoinToken
 from dmc_ca.profile import SigningAuthority, issue_svid
-from dmc_ca.store import Store, hash_token
+from dmc_ca.store import Store, StoreView, hash_token
 
 __all__ = [
     "ADMIN_PATH",
@@ -62,6 +73,10 @@ ADMIN_PERMISSIONS = ("/dmc.v1.Admin/*",)
 CA_PATH = "/dmc/ca"
 
 _PARSED_CACHE_LIMIT = 4096
+# SPEC §5: a revocation's lease outlives the last certificate it could affect, plus this
+# much for clock skew between replicas and etcd's lease granularity.
+REVOCATION_MARGIN_SECONDS = 300
+MAX_REASON_CHARS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +127,33 @@ class CertificateAuthority:
         self._clock = clock
         self._signing: dict[str, SigningAuthority] = {}
         self._parsed: dict[bytes, Svid] = {}
+        self._bundle_cache: tuple[StoreView, TrustBundle] | None = None
 
     # -- state read from the view ----------------------------------------------------------
 
     def bundle(self) -> TrustBundle:
-        """The current trust bundle, from the in-memory view."""
+        """The current trust bundle, from the in-memory view (built once per view)."""
         view = self._store.view
-        return bundle_of(self.trust_domain, view.bundle_sequence, list(view.authorities.values()))
+        cached = self._bundle_cache
+        if cached is not None and cached[0] is view:
+            return cached[1]
+        bundle = bundle_of(
+            self.trust_domain,
+            view.bundle_sequence,
+            list(view.authorities.values()),
+            self.longest_svid_ttl(),
+        )
+        self._bundle_cache = (view, bundle)
+        return bundle
+
+    def longest_svid_ttl(self) -> timedelta:
+        """The longest lifetime of an SVID under the current entries (the admin's included)."""
+        return timedelta(
+            seconds=max(
+                (e.svid_ttl_seconds for e in self._store.view.entries.values()),
+                default=DEFAULT_SVID_TTL_SECONDS,
+            )
+        )
 
     def signing_authority(self) -> SigningAuthority:
         """The ACTIVE authority, unsealed once and cached by its id."""
@@ -167,6 +202,9 @@ class CertificateAuthority:
                 svid.certificate.verify_directly_issued_by(signer)
             except (ValueError, TypeError, InvalidSignature):
                 continue
+            # SPEC §4: every CA RPC needs an unrevoked SVID; a revoked caller is
+            # PERMISSION_DENIED, named by its revocation (SPEC §3).
+            self._store.view.revocations.check(svid)
             return svid
         raise Unauthenticated(
             f"certificate of {svid.spiffe_id} was not signed by an authority of the bundle"
@@ -189,7 +227,7 @@ class CertificateAuthority:
         ip_addresses: Sequence[IPv4Address | IPv6Address] = (),
     ) -> IssuedSvid:
         signing = self.signing_authority()
-        now = self._clock()
+        now = self._issuance_time(spiffe_id, scope.delegators)
         if scope.not_after is not None and scope.not_after <= now:
             raise PermissionDenied(f"the delegation of {spiffe_id} ended at {scope.not_after}")
         leaf = issue_svid(
@@ -210,6 +248,28 @@ class CertificateAuthority:
         )
         # The chain carries intermediates, never the root (SPEC §2, §4).
         return IssuedSvid(chain=signing.svid_chain(leaf), bundle=self.bundle())
+
+    def _issuance_time(self, spiffe_id: SpiffeId, delegators: Sequence[str]) -> datetime:
+        """Now, or the next whole second after a revocation made in this second.
+
+        Certificates carry whole seconds, and SPEC §3 catches a certificate issued up to
+        the moment its ID (or a delegator's) was revoked: one issued in the same second
+        would be caught by the revocation it follows, so an identity enrolled again just
+        after a revocation would be born revoked. Issuing as of the next second (less than
+        one second ahead; notBefore stays 29 s in the past) keeps it clear.
+        """
+        now = self._clock()
+        by_id = self._store.view.revocations.by_id
+        if not by_id:
+            return now
+        latest = max(
+            (r.revoked_at for r in map(by_id.get, [str(spiffe_id), *delegators]) if r),
+            default=None,
+        )
+        second = now.replace(microsecond=0)
+        if latest is None or latest < second or latest - now > timedelta(seconds=1):
+            return now
+        return latest.replace(microsecond=0) + timedelta(seconds=1)
 
     def issue_local(
         self,
@@ -312,6 +372,74 @@ class CertificateAuthority:
         entry = self._origin_entry(caller)
         return self._issue(public_key, child_id, scope, entry.svid_ttl_seconds)
 
+    # -- authority life cycle (SPEC §4 PrepareAuthority, ActivateAuthority, RetireAuthority) --
+
+    def _bundle_authority(self, authority_id: str) -> BundleAuthority:
+        for authority in self.bundle().authorities:
+            if authority.id == authority_id:
+                return authority
+        raise NotFound(f"no authority {authority_id!r} in the trust bundle")
+
+    async def prepare_authority(
+        self,
+        key_type: KeyType = KeyType.EC_P256,
+        chain_pem: bytes | None = None,
+        key_pem: bytes | None = None,
+    ) -> BundleAuthority:
+        """Add a PREPARED authority: in the bundle, trusted, but signing nothing yet.
+
+        Without ``chain_pem`` a key of ``key_type`` and a self-signed certificate are made;
+        with it, an existing CA (a root, or an intermediate whose chain ends in a root) is
+        imported after every check has passed, so a refused import writes nothing.
+        """
+        record, _signing = new_authority(
+            self.trust_domain,
+            self._kek,
+            self._clock(),
+            state=AuthorityState.PREPARED,
+            key_type=key_type,
+            imported_chain_pem=chain_pem,
+            imported_key_pem=key_pem,
+        )
+        # The bundle sequence grows in the same transaction (SPEC §4).
+        await self._store.put_authority(record)
+        _log.info("prepared authority %s (%s)", record.id, "imported" if chain_pem else key_type)
+        return self._bundle_authority(record.id)
+
+    async def activate_authority(self, authority_id: str = "") -> BundleAuthority:
+        """Make a PREPARED authority the signer; the ACTIVE one becomes PREVIOUS."""
+        target, states = plan_activation(self._store.view.authorities, authority_id)
+        # A key this replica cannot open would stop all issuance once it is ACTIVE.
+        unseal_authority(self.trust_domain, target, self._kek)
+
+        await self._store.set_authority_states(states)
+        _log.info(
+            "activated authority %s; previous: %s", target.id, sorted(set(states) - {target.id})
+        )
+        return self._bundle_authority(target.id)
+
+    async def retire_authority(
+        self, authority_id: str = "", *, force: bool = False
+    ) -> BundleAuthority:
+        """Remove an authority from the bundle (SPEC §5); see :func:`plan_retirement`."""
+        target = plan_retirement(
+            self._store.view.authorities,
+            authority_id,
+            now=self._clock(),
+            longest_svid_ttl=self.longest_svid_ttl(),
+            force=force,
+        )
+        retired = self._bundle_authority(target.id)
+
+        await self._store.set_authority_states({}, delete=[target.id])
+        if force and target.state is AuthorityState.PREVIOUS:
+            _log.warning(
+                "authority %s retired by force: everything it signed is refused", target.id
+            )
+        else:
+            _log.info("retired authority %s", target.id)
+        return retired
+
     # -- admin --------------------------------------------------------------------------------
 
     def _own_id(self, text: str) -> SpiffeId:
@@ -386,3 +514,58 @@ class CertificateAuthority:
         await self._store.create_token(hash_token(token), record, ttl_seconds)
         _log.info("created a join token for %s until %s", entry_id, expires_at.isoformat())
         return token, record
+
+    # -- revocation (SPEC §3, §4, §5) --------------------------------------------------------
+
+    def _revocation_lifetime(self) -> timedelta:
+        """How long a revocation made now must last (SPEC §5).
+
+        Every certificate it could affect was issued before now, and none lives longer than
+        the largest SVID TTL among the entries (a delegated SVID lives its origin entry's
+        TTL, cut shorter; the CA's own serving SVID lives the default TTL), so the lease
+        ends that long after now plus a margin. A certificate issued under an entry since
+        deleted with a longer TTL is not counted.
+        """
+        longest = max(
+            (e.svid_ttl_seconds for e in self._store.view.entries.values()),
+            default=DEFAULT_SVID_TTL_SECONDS,
+        )
+        longest = max(longest, DEFAULT_SVID_TTL_SECONDS)
+        return timedelta(seconds=longest + REVOCATION_MARGIN_SECONDS)
+
+    async def revoke(self, serial: str | None, spiffe_id: str | None, reason: str) -> Revocation:
+        """Revoke one certificate by serial, or an identity by SPIFFE ID (SPEC §4 Revoke)."""
+        if serial is not None and spiffe_id is None:
+            kind, value = RevocationKind.SERIAL, normalize_serial(serial)
+        elif spiffe_id is not None and serial is None:
+            kind, value = RevocationKind.ID, str(self._own_id(spiffe_id))
+        else:
+            raise InvalidArgument("revoke needs exactly one of a serial or a SPIFFE ID")
+        reason = reason.strip()
+        if not reason:
+            raise InvalidArgument("a revocation needs a reason")
+        if len(reason) > MAX_REASON_CHARS:
+            raise InvalidArgument(f"the reason is longer than {MAX_REASON_CHARS} characters")
+
+        now = self._clock()
+        expires_at = now + self._revocation_lifetime()
+        table = self._store.view.revocations
+        earlier = (table.by_serial if kind is RevocationKind.SERIAL else table.by_id).get(value)
+        if earlier is not None and earlier.expires_at > expires_at:
+            # A revocation replaced under the same key keeps the longer of the two lives.
+            expires_at = earlier.expires_at
+        revocation = Revocation(
+            kind=kind, value=value, reason=reason, revoked_at=now, expires_at=expires_at
+        )
+        await self._store.put_revocation(revocation)
+        _log.info(
+            "revoked %s until %s: %s",
+            revocation.describe(),
+            expires_at.isoformat(),
+            reason,
+        )
+        return revocation
+
+    def list_revocations(self) -> list[Revocation]:
+        """Every revocation in force, from the view."""
+        return list(self._store.view.revocations)

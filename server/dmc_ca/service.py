@@ -18,17 +18,25 @@ import grpc
 import grpc.aio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from dmc.errors import DmcError, Unauthenticated, Unimplemented, status_code_of
+from dmc.errors import (
+    DmcError,
+    InvalidArgument,
+    Unauthenticated,
+    Unimplemented,
+    status_code_of,
+)
+from dmc.revocation import RevocationSet, revocation_to_proto
 from dmc.svid import Svid
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dmc_ca.authorities import TrustBundle
+from dmc_ca.authorities import BundleAuthority, TrustBundle
 from dmc_ca.ca import CertificateAuthority, IssuedSvid
+from dmc_ca.keys import KeyType
 from dmc_ca.model import AuthorityState, Entry
 from dmc_ca.store import Store
 
-__all__ = ["AdminService", "CertificateAuthorityService", "bundle_to_proto"]
+__all__ = ["AdminService", "CertificateAuthorityService", "authority_to_proto", "bundle_to_proto"]
 
 _log = logging.getLogger(__name__)
 
@@ -84,16 +92,23 @@ def bundle_to_proto(bundle: TrustBundle) -> ca_pb2.TrustBundle:
         trust_domain=bundle.trust_domain,
         sequence=bundle.sequence,
         refresh_hint_seconds=REFRESH_HINT_SECONDS,
-        authorities=[
-            ca_pb2.Authority(
-                id=a.id,
-                certificate=_der(a.root),
-                state=_STATE[a.state],
-                not_after=_timestamp(a.signing_certificate.not_valid_after_utc),
-            )
-            for a in bundle.authorities
-        ],
+        authorities=[authority_to_proto(a) for a in bundle.authorities],
     )
+
+
+def authority_to_proto(authority: BundleAuthority) -> ca_pb2.Authority:
+    """One authority of the bundle as SPEC §4's ``Authority`` message."""
+    message = ca_pb2.Authority(
+        id=authority.id,
+        certificate=_der(authority.root),
+        state=_STATE[authority.state],
+        not_after=_timestamp(authority.signing_certificate.not_valid_after_utc),
+        created_at=_timestamp(authority.created_at),
+        state_since=_timestamp(authority.state_since),
+    )
+    if authority.retirable_at is not None:
+        message.retirable_at.CopyFrom(_timestamp(authority.retirable_at))
+    return message
 
 
 def _svid_response(issued: IssuedSvid) -> ca_pb2.SVIDResponse:
@@ -128,11 +143,6 @@ def caller_of(ca: CertificateAuthority, context: _Context) -> Svid:
     if not certificates:
         raise Unauthenticated("a client certificate is required (mTLS)")
     return ca.authenticate(certificates[0])
-
-
-def _not_built(what: str) -> Unimplemented:
-    # TODO(issue 3, issue 4): revocation and the authority life cycle remove these.
-    return Unimplemented(f"{what} is not built yet in this version of dmc")
 
 
 class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
@@ -207,9 +217,31 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
     async def WatchRevocations(
         self, request: ca_pb2.WatchRevocationsRequest, context: _Context
     ) -> AsyncIterator[ca_pb2.RevocationEvent]:
-        error = _not_built("WatchRevocations")
-        await context.abort(status_code_of(error), str(error))
-        yield ca_pb2.RevocationEvent()  # unreachable; makes this an async generator
+        """SPEC §4: the whole set with its etcd revision, then each change as it comes."""
+        try:
+            self._caller(context, "WatchRevocations")
+        except DmcError as error:
+            await context.abort(status_code_of(error), str(error))
+        sent: RevocationSet | None = None
+        async for view in self._store.subscribe():
+            current = view.revocations
+            if sent is None:
+                yield ca_pb2.RevocationEvent(
+                    revision=view.revision,
+                    snapshot=True,
+                    added=[revocation_to_proto(r) for r in current],
+                )
+            elif current is not sent:
+                # Views are whole snapshots and a slow reader may skip some, so changes are
+                # the difference between the last set sent and this one; a revocation
+                # replaced under its key comes as the old one removed, the new one added.
+                added = [revocation_to_proto(r) for r in current if r not in sent]
+                removed = [revocation_to_proto(r) for r in sent if r not in current]
+                if added or removed:
+                    yield ca_pb2.RevocationEvent(
+                        revision=view.revision, added=added, removed=removed
+                    )
+            sent = current
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -298,35 +330,64 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RevokeRequest, context: _Context
     ) -> ca_pb2.Revocation:
         self._authorize(context, "Revoke")
-        raise _not_built("Revoke")
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidArgument("Revoke needs a serial or a SPIFFE ID")
+        revocation = await self._ca.revoke(
+            request.serial if target == "serial" else None,
+            request.spiffe_id if target == "spiffe_id" else None,
+            request.reason,
+        )
+        return revocation_to_proto(revocation)
 
     @_map_errors
     async def ListRevocations(
         self, request: admin_pb2.ListRevocationsRequest, context: _Context
     ) -> admin_pb2.ListRevocationsResponse:
         self._authorize(context, "ListRevocations")
-        raise _not_built("ListRevocations")
+        return admin_pb2.ListRevocationsResponse(
+            revocations=[revocation_to_proto(r) for r in self._ca.list_revocations()]
+        )
 
     @_map_errors
     async def PrepareAuthority(
         self, request: admin_pb2.PrepareAuthorityRequest, context: _Context
     ) -> ca_pb2.Authority:
         self._authorize(context, "PrepareAuthority")
-        raise _not_built("PrepareAuthority")
+        imported = bool(request.ca_certificate_chain_pem or request.ca_private_key_pem)
+        if imported and request.key_type:
+            raise InvalidArgument("key_type applies to a created authority, not an imported one")
+        authority = await self._ca.prepare_authority(
+            _key_type(request.key_type),
+            request.ca_certificate_chain_pem if imported else None,
+            request.ca_private_key_pem if imported else None,
+        )
+        return authority_to_proto(authority)
 
     @_map_errors
     async def ActivateAuthority(
         self, request: admin_pb2.ActivateAuthorityRequest, context: _Context
     ) -> ca_pb2.Authority:
         self._authorize(context, "ActivateAuthority")
-        raise _not_built("ActivateAuthority")
+        return authority_to_proto(await self._ca.activate_authority(request.id))
 
     @_map_errors
     async def RetireAuthority(
         self, request: admin_pb2.RetireAuthorityRequest, context: _Context
     ) -> ca_pb2.Authority:
         self._authorize(context, "RetireAuthority")
-        raise _not_built("RetireAuthority")
+        retired = await self._ca.retire_authority(request.id, force=request.force)
+        return authority_to_proto(retired)
+
+
+def _key_type(text: str) -> KeyType:
+    if not text:
+        return KeyType.EC_P256
+    try:
+        return KeyType(text)
+    except ValueError:
+        allowed = ", ".join(k.value for k in KeyType)
+        raise InvalidArgument(f"key type {text[:40]!r} is not one of {allowed}") from None
 
 
 def _version() -> str:

@@ -6,8 +6,8 @@ Keys live under ``<prefix><trust domain>/``; an ID in a key is written as its pa
     bundle/sequence              decimal counter, bumped with every authority change
     entries/<id path>            Entry JSON, e.g. /dmc/example.org/entries/web/mid
     tokens/<sha256 hex>          JoinToken JSON, under a lease of the token's TTL
-    revocations/serial/<hex>     reserved for revocations (not read here yet)
-    revocations/id/<id path>     reserved for revocations (not read here yet)
+    revocations/serial/<hex>     Revocation JSON, under a lease (SPEC §5)
+    revocations/id/<id path>     Revocation JSON, under a lease (SPEC §5)
     dnsnames/<dns name>          the SPIFFE ID holding that DNS name (lower-cased)
 
 ``dnsnames/`` goes beyond SPEC §5: it is an index written in the same transaction as its
@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from dmc.errors import (
     Unauthenticated,
     Unavailable,
 )
+from dmc.revocation import Revocation, RevocationKind, RevocationSet
 from dmc.spiffe_id import SpiffeId, validate_trust_domain
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 
@@ -88,6 +90,9 @@ class StoreView:
     entries: Mapping[SpiffeId, Entry]
     authorities: Mapping[str, AuthorityRecord]
     bundle_sequence: int
+    # The same object from view to view until a revocation changes, so a follower of
+    # revocations can skip views by identity.
+    revocations: RevocationSet = field(default_factory=RevocationSet.empty)
 
 
 @dataclass(slots=True)
@@ -99,8 +104,13 @@ class _ViewBuilder:
     entries: dict[SpiffeId, Entry] = field(default_factory=dict)
     authorities: dict[str, AuthorityRecord] = field(default_factory=dict)
     bundle_sequence: int = 0
+    # Revocations by the rest of their key (``serial/<hex>``, ``id/<path>``), and the
+    # frozen set built from them, rebuilt only after a change.
+    revocations: dict[str, Revocation] = field(default_factory=dict)
+    revocation_set: RevocationSet | None = None
+    revocations_changed_at: int = 0
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def put(self, key: bytes, value: bytes, revision: int = 0) -> None:
         kind, name = self._split(key)
         try:
             if kind == "entries":
@@ -111,12 +121,18 @@ class _ViewBuilder:
                 self.authorities[record.id] = record
             elif kind == "bundle" and name == "sequence":
                 self.bundle_sequence = int(value)
+            elif kind == "revocations":
+                revocation = Revocation.from_json(value)
+                if name != self.revocation_name(revocation):
+                    raise InvalidArgument(f"it holds the revocation of {revocation.describe()}")
+                self.revocations[name] = revocation
+                self._revocations_changed(revision)
         except (DmcError, ValueError) as exc:
             # A record this version cannot read must not stop the watch; it stays out of
             # the view, and the CA serves the rest.
             _log.error("ignoring unreadable etcd key %r: %s", key, exc)
 
-    def delete(self, key: bytes) -> None:
+    def delete(self, key: bytes, revision: int = 0) -> None:
         kind, name = self._split(key)
         try:
             if kind == "entries":
@@ -125,16 +141,38 @@ class _ViewBuilder:
                 self.authorities.pop(name, None)
             elif kind == "bundle" and name == "sequence":
                 self.bundle_sequence = 0
+            elif kind == "revocations" and self.revocations.pop(name, None) is not None:
+                self._revocations_changed(revision)
         except DmcError as exc:
             _log.error("ignoring deletion of unreadable etcd key %r: %s", key, exc)
 
     def freeze(self, revision: int) -> StoreView:
+        if self.revocation_set is None:
+            self.revocation_set = RevocationSet.of(
+                self.revocations.values(), self.revocations_changed_at or revision
+            )
         return StoreView(
             revision=revision,
             entries=MappingProxyType(dict(self.entries)),
             authorities=MappingProxyType(dict(self.authorities)),
             bundle_sequence=self.bundle_sequence,
+            revocations=self.revocation_set,
         )
+
+    def revocation_name(self, revocation: Revocation) -> str:
+        """The key of ``revocation`` below ``revocations/`` (SPEC §5)."""
+        if revocation.kind is RevocationKind.SERIAL:
+            return f"serial/{revocation.value}"
+        spiffe_id = SpiffeId.parse(revocation.value)
+        if spiffe_id.trust_domain != self.trust_domain or spiffe_id.is_trust_domain_id:
+            raise InvalidArgument(
+                f"a revoked ID needs a path in trust domain {self.trust_domain!r}: {spiffe_id}"
+            )
+        return f"id{spiffe_id.path}"
+
+    def _revocations_changed(self, revision: int) -> None:
+        self.revocation_set = None
+        self.revocations_changed_at = max(self.revocations_changed_at, revision)
 
     def _split(self, key: bytes) -> tuple[str, str]:
         rest = key.decode("utf-8", "replace")[len(self.base) :]
@@ -456,6 +494,44 @@ class Store:
         if not response.succeeded:
             raise Unauthenticated("join token already used")
 
+    # Revocations (SPEC §3, §5).
+
+    def list_revocations(self) -> tuple[Revocation, ...]:
+        """Every revocation in force, from the view: serials, then IDs, each in order."""
+        return tuple(self._view.revocations)
+
+    async def put_revocation(self, revocation: Revocation) -> int:
+        """Store ``revocation`` with a lease that ends at its ``expires_at``.
+
+        A revocation under the same key (an ID revoked again) is replaced. Returns the etcd
+        revision of the write, once this replica's view shows it.
+        """
+        key = self._base + "revocations/" + self._builder.revocation_name(revocation)
+        ttl_seconds = math.ceil((revocation.expires_at - _now()).total_seconds())
+        if ttl_seconds <= 0:
+            raise InvalidArgument(
+                f"the revocation of {revocation.describe()} would have expired already"
+            )
+
+        lease = await self._call("grant a lease", self._lease.grant(ttl_seconds))
+        try:
+            response = await self._txn(
+                "store a revocation",
+                [],
+                [KVService.txn_op_put(key, revocation.to_json(), lease=lease.ID)],
+            )
+        except Unavailable:
+            with contextlib.suppress(EtcdError, grpc.aio.AioRpcError):
+                await self._lease.revoke(lease.ID, timeout=self._timeout_seconds)
+            raise
+        _log.debug(
+            "revocation of %s stored at revision %d for %d s",
+            revocation.describe(),
+            response.header.revision,
+            ttl_seconds,
+        )
+        return await self._settle(response.header.revision)
+
     # Authorities and the bundle sequence (SPEC §4, §5).
 
     async def put_authority(self, record: AuthorityRecord) -> int:
@@ -590,7 +666,7 @@ class Store:
         )
         builder = _ViewBuilder(self._base, self.trust_domain)
         for kv in response.kvs:
-            builder.put(kv.key, kv.value)
+            builder.put(kv.key, kv.value, int(kv.mod_revision))
         return builder, builder.freeze(int(response.header.revision))
 
     async def _settle(self, revision: int) -> int:
@@ -681,10 +757,11 @@ class Store:
 
     def _apply(self, events: Sequence[Any]) -> None:
         for event in events:
+            # A delete event's kv carries the revision of the deletion (a lease expiry too).
             if event.type == _EVENT_DELETE:
-                self._builder.delete(event.kv.key)
+                self._builder.delete(event.kv.key, int(event.kv.mod_revision))
             else:
-                self._builder.put(event.kv.key, event.kv.value)
+                self._builder.put(event.kv.key, event.kv.value, int(event.kv.mod_revision))
         revision = max(int(event.kv.mod_revision) for event in events)
         self._publish(self._builder.freeze(max(revision, self._view.revision)))
         _log.debug("view of %s at revision %d", self._base, revision)
