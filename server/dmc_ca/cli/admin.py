@@ -27,6 +27,7 @@ from dmc._cli import (
 from dmc.connect import ca_channel, load_credential
 from dmc.errors import InvalidArgument
 from dmc.pem import certificates_to_pem
+from dmc.revocation import normalize_serial
 from dmc.scope import MAX_DEPTH, validate_audience, validate_permission
 from dmc.spiffe_id import SpiffeId
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
@@ -60,7 +61,9 @@ def _max_depth(text: str) -> int:
 
 def build_parser() -> CommandParser:
     """The ``dmc-admin`` argument parser."""
-    parser = new_parser("dmc-admin", "Manage a dmc CA: entries, tokens, the trust bundle.")
+    parser = new_parser(
+        "dmc-admin", "Manage a dmc CA: entries, tokens, revocations, the trust bundle."
+    )
     add_option(parser, "--ca", required=True, help="the CA's mTLS address HOST:PORT")
     add_option(parser, "--cert", required=True, help="operator SVID chain (PEM)")
     add_option(parser, "--key", required=True, help="operator private key (PEM)")
@@ -101,6 +104,25 @@ def build_parser() -> CommandParser:
     )
     add_option(token_create, "--spiffe-id", type=_spiffe_id, required=True, help="its entry")
     add_option(token_create, "--ttl", type=parse_duration, default="1h", help="its lifetime")
+
+    revoke = add_command(
+        parser, "revoke", help="revoke a certificate or a SPIFFE ID", handler=_revoke
+    )
+    add_option(
+        revoke,
+        "--serial",
+        type=normalize_serial,
+        help="serial of one certificate, hex in any case, colons allowed",
+    )
+    add_option(
+        revoke,
+        "--spiffe-id",
+        type=_spiffe_id,
+        help="an identity: its certificates issued until now, and their delegates",
+    )
+    add_option(revoke, "--reason", required=True, help="why, kept with the revocation")
+    revocations = add_command(parser, "revocations", help="revocations in force")
+    add_command(revocations, "list", help="list every revocation", handler=_revocations_list)
 
     bundle = add_command(parser, "bundle", help="the trust bundle")
     show = add_command(bundle, "show", help="print the trust bundle", handler=_bundle_show)
@@ -205,6 +227,47 @@ def _token_create(args: argparse.Namespace) -> None:
         },
         text=created.token,
     )
+
+
+def _revocation_data(revocation: ca_pb2.Revocation) -> dict[str, object]:
+    target = revocation.WhichOneof("target") or "serial"
+    return {
+        "kind": "serial" if target == "serial" else "id",
+        target: getattr(revocation, target),
+        "reason": revocation.reason,
+        "revoked_at": rfc3339(revocation.revoked_at.ToDatetime(tzinfo=UTC)),
+        "expires_at": rfc3339(revocation.expires_at.ToDatetime(tzinfo=UTC)),
+    }
+
+
+def _revoke(args: argparse.Namespace) -> None:
+    # SPEC §6: `revoke (--serial HEX | --spiffe-id ID)`, exactly one of the two.
+    if (args.serial is None) == (args.spiffe_id is None):
+        raise InvalidArgument("revoke needs exactly one of --serial and --spiffe-id")
+    if not args.reason.strip():
+        raise InvalidArgument("--reason must not be empty")
+    if args.serial is not None:
+        request = admin_pb2.RevokeRequest(serial=args.serial, reason=args.reason)
+    else:
+        request = admin_pb2.RevokeRequest(spiffe_id=args.spiffe_id, reason=args.reason)
+    revocation = _call(args, lambda stub: stub.Revoke(request, timeout=RPC_TIMEOUT_SECONDS))
+    emit(args.output, _revocation_data(revocation))
+
+
+def _revocations_list(args: argparse.Namespace) -> None:
+    listed = _call(
+        args,
+        lambda stub: stub.ListRevocations(
+            admin_pb2.ListRevocationsRequest(), timeout=RPC_TIMEOUT_SECONDS
+        ),
+    )
+    revocations = [_revocation_data(r) for r in listed.revocations]
+    lines = [
+        f"{r['kind']} {r.get('serial') or r.get('spiffe_id')} revoked {r['revoked_at']} "
+        f"until {r['expires_at']}: {r['reason']}"
+        for r in revocations
+    ]
+    emit(args.output, {"revocations": revocations}, text="\n".join(lines) or "(no revocations)")
 
 
 def _bundle_data(bundle: ca_pb2.TrustBundle) -> dict[str, object]:
