@@ -50,7 +50,7 @@ OK = grpc.StatusCode.OK
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 
-EtcdState = tuple[int, dict[bytes, tuple[int, bytes]]]
+EtcdState = dict[bytes, tuple[int, bytes]]
 BuildCase = Callable[[str, str], Path]
 
 
@@ -58,9 +58,14 @@ BuildCase = Callable[[str, str], Path]
 
 
 def etcd_state(ca: CaHarness) -> EtcdState:
-    """The replica's view revision and every key under its prefix, read from etcd itself."""
+    """Every key under the replica's prefix with its mod revision and value, read from etcd.
 
-    async def read() -> dict[bytes, tuple[int, bytes]]:
+    Read from etcd itself, not the replica's view: the view follows etcd asynchronously
+    (a Bootstrap's token deletion reaches it after the RPC returns), so its revision is no
+    exact witness of "nothing written", while a linearizable read of the prefix is.
+    """
+
+    async def read() -> EtcdState:
         client = Etcd3Client([ca.etcd_endpoint])
         await client.connect()
         try:
@@ -70,13 +75,13 @@ def etcd_state(ca: CaHarness) -> EtcdState:
             await client.close()
         return {kv.key: (int(kv.mod_revision), kv.value) for kv in response.kvs}
 
-    assert ca.store is not None
-    return ca.store.view.revision, ca.run(read())
+    return ca.run(read())
 
 
 def refused(ca: CaHarness, call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     """Make a call that must fail; check it wrote nothing to etcd; return code and details."""
     before = etcd_state(ca)
+    assert before, f"nothing under {ca.prefix}: the comparison would prove nothing"
     with pytest.raises(grpc.RpcError) as info:
         call()
     after = etcd_state(ca)
@@ -1010,3 +1015,85 @@ def test_entry_claiming_a_dns_name_another_id_holds_is_refused(ca: CaHarness) ->
     assert f"{TD}/impostor" not in [e.spiffe_id for e in listed.entries]
     # The name that was free was not claimed either: another ID may take it.
     ca.create_entry("/other", dns_names=("other.example.org",))
+
+
+# ---------------------------------------------------------------- other malformed input
+
+
+@pytest.mark.parametrize(
+    ("csr", "words"),
+    [
+        (b"", "empty"),
+        (b"\x30\x03\x02\x01\x01", "does not parse as DER"),
+        (b"not a certificate request", "does not parse as DER"),
+        (b"-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n", "PEM"),
+    ],
+)
+def test_csr_that_is_not_a_der_request_is_invalid_argument(
+    issuer: Issuer, csr: bytes, words: str
+) -> None:
+    code, details = issuer.refuse(csr)
+
+    assert code == INVALID_ARGUMENT, details
+    assert words in details
+
+
+def test_delegate_to_an_id_outside_the_grammar_is_invalid_argument_naming_the_part(
+    ca: CaHarness,
+) -> None:
+    caller = bootstrap(ca, ca.create_entry("/web", max_depth=2))
+
+    with caller.channel(ca) as channel:
+        stub = ca_stub(channel)
+        for spiffe_id, parts in spiffe_id_lines("invalid"):
+            request = delegate_request(make_csr(new_key()), spiffe_id)
+            code, details = refused(ca, functools.partial(stub.Delegate, request, timeout=TIMEOUT))
+            assert code == INVALID_ARGUMENT, (spiffe_id[:80], details)
+            assert any(part in details for part in parts), (spiffe_id[:80], details)
+
+
+@pytest.mark.parametrize(
+    ("request_scope", "words"),
+    [
+        ({"ttl_seconds": 0}, "TTL"),
+        ({"max_depth": 17}, "17"),
+        ({"permissions": ("demo.Echo/Say",)}, "demo.Echo/Say"),
+        ({"audiences": ("spiffe://example.org/db/../admin",)}, "segment '..'"),
+    ],
+)
+def test_delegate_with_a_malformed_scope_is_invalid_argument(
+    ca: CaHarness, request_scope: dict[str, Any], words: str
+) -> None:
+    caller = bootstrap(ca, ca.create_entry("/web", max_depth=2))
+    spiffe_id = f"{TD}/web/job"
+    request = delegate_request(make_csr(new_key(), (spiffe_id,)), spiffe_id, **request_scope)
+
+    with caller.channel(ca) as channel:
+        code, details = refused(
+            ca, functools.partial(ca_stub(channel).Delegate, request, timeout=TIMEOUT)
+        )
+
+    assert code == INVALID_ARGUMENT, details
+    assert words in details
+
+
+def test_entry_and_token_for_an_id_outside_the_grammar_are_invalid_argument(
+    ca: CaHarness,
+) -> None:
+    with ca.admin_channel() as channel:
+        stub = admin_stub(channel)
+        for spiffe_id, parts in spiffe_id_lines("invalid"):
+            entry = admin_pb2.Entry(spiffe_id=spiffe_id, permissions=["*"], audiences=["*"])
+            for call in (
+                functools.partial(
+                    stub.CreateEntry, admin_pb2.CreateEntryRequest(entry=entry), timeout=TIMEOUT
+                ),
+                functools.partial(
+                    stub.CreateJoinToken,
+                    admin_pb2.CreateJoinTokenRequest(spiffe_id=spiffe_id, ttl_seconds=60),
+                    timeout=TIMEOUT,
+                ),
+            ):
+                code, details = refused(ca, call)
+                assert code == INVALID_ARGUMENT, (spiffe_id[:80], details)
+                assert any(part in details for part in parts), (spiffe_id[:80], details)

@@ -61,6 +61,7 @@ def bootstrap(ca: CaHarness, token: str, spiffe_id: str) -> ca_pb2.SVIDResponse:
 def refused_bootstrap(ca: CaHarness, token: str, spiffe_id: str) -> tuple[grpc.StatusCode, str]:
     """A Bootstrap that must fail and leave etcd as it was; its code and details."""
     before = etcd_keys(ca)
+    assert before, f"nothing under {ca.prefix}: the comparison would prove nothing"
     with pytest.raises(grpc.RpcError) as info:
         bootstrap(ca, token, spiffe_id)
     assert etcd_keys(ca) == before, "a refused Bootstrap changed etcd"
