@@ -134,7 +134,8 @@ class RenewalPolicy:
     A renewal is due at ``renew_fraction`` of the lifetime after issuance, moved by up to
     ``jitter`` of that span either way. A failed attempt waits ``retry_initial_seconds``,
     doubling up to ``retry_max_seconds``, each wait jittered by ``jitter`` and never longer
-    than a quarter of the time the SVID has left (but at least ``retry_min_seconds``).
+    than half the time the SVID has left (but at least ``retry_min_seconds``), so that a
+    CA back before expiry is tried again before expiry.
     """
 
     renew_fraction: float = 0.5
@@ -168,7 +169,7 @@ class RenewalPolicy:
         delay = min(self.retry_max_seconds, math.ldexp(self.retry_initial_seconds, failures - 1))
         if seconds_left > 0:
             # Near expiry, try more often: a CA that comes back in time must be seen in time.
-            delay = min(delay, max(self.retry_min_seconds, seconds_left / 4))
+            delay = min(delay, max(self.retry_min_seconds, seconds_left / 2))
         return delay * self._jittered()
 
     def _jittered(self) -> float:
