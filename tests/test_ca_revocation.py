@@ -391,6 +391,8 @@ def test_watch_revocations_sends_a_snapshot_then_changes_and_lease_expiries(
         ({"spiffe_id": "spiffe://example.org", "reason": "r"}, "trust domain"),
         ({"serial": "1a"}, "needs a reason"),
         ({"spiffe_id": "spiffe://example.org/web", "reason": "  "}, "needs a reason"),
+        ({"serial": "1a", "reason": "two\nlines"}, "control character"),
+        ({"serial": "1a", "reason": "x" * 1025}, "longer than 1024"),
     ],
 )
 def test_malformed_revoke_is_invalid_argument_and_stores_nothing(

@@ -546,6 +546,9 @@ class CertificateAuthority:
             raise InvalidArgument("a revocation needs a reason")
         if len(reason) > MAX_REASON_CHARS:
             raise InvalidArgument(f"the reason is longer than {MAX_REASON_CHARS} characters")
+        # The reason is sent back in every refusal it causes, so it stays one printable line.
+        if not reason.isprintable():
+            raise InvalidArgument("the reason holds a line break or another control character")
 
         now = self._clock()
         expires_at = now + self._revocation_lifetime()
