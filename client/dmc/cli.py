@@ -9,14 +9,15 @@ files offline. Each writes ``NAME.key`` (mode 0600), ``NAME.pem`` (chain, leaf f
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 from dmc._cli import (
-    CommandError,
     CommandParser,
     add_command,
     add_option,
@@ -154,13 +155,19 @@ def build_parser() -> CommandParser:
     agent = add_command(
         parser,
         "agent",
-        help="keep an SVID renewed and serve it on a Unix socket (not built yet)",
+        help="keep an SVID renewed and serve it to Envoy (SDS) and SPIFFE clients (Workload "
+        "API) on a Unix socket",
         handler=_agent,
     )
-    # Not required while the agent is not built, so that it says so whatever is given.
-    add_option(agent, "--ca", help="the CA's mTLS address HOST:PORT")
-    add_option(agent, "--dir", help="folder of the SVID to keep renewed")
-    add_option(agent, "--socket", help="Unix socket to serve SDS and the Workload API on")
+    _add_ca_option(agent)
+    add_option(agent, "--dir", required=True, help="folder of the SVID to keep renewed")
+    add_option(
+        agent,
+        "--socket",
+        required=True,
+        help="Unix socket to serve on, in a folder only this user can enter (made with mode "
+        "0700 if missing)",
+    )
     return parser
 
 
@@ -270,7 +277,18 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _agent(args: argparse.Namespace) -> None:
-    raise CommandError(grpc.StatusCode.UNIMPLEMENTED, "dmc agent is not built yet")
+    # Imported here: the agent's Workload API stubs clash with the spiffe package's, so
+    # they load only in an agent's process (DEPENDENCIES.md).
+    from dmc.agent import AgentConfig, run_agent
+
+    config = AgentConfig(args.ca, Path(args.dir), Path(args.socket))
+    # The commands, never the library, configure handlers (STYLE.md).
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(run_agent(config))
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ agent claims the path first:
    server and is left alone (the agent refuses to start); a socket that refuses is a
    crashed agent's and is removed; anything that is not a socket is never touched.
 
-After gRPC binds, `SocketClaim.bound` sets mode 0600; `SocketClaim.release` removes the
-socket only if it is still the one this agent made.
+After gRPC binds, `SocketClaim.bound` sets mode 0600. gRPC removes the socket file itself
+when the server stops (measured with grpcio 1.85), whoever's it is by then; the lock is what
+keeps another agent from being there. `SocketClaim.release` removes the socket if a failed
+start left it, and drops the lock.
 """
 
 from __future__ import annotations
