@@ -594,7 +594,7 @@ def format_report(report: Report) -> str:
         ),
         (
             "end-to-end Renew",
-            f"{e2e.renewals_per_second:,.0f} renewals/s  ({e2e.clients} client processes,"
+            f"{e2e.renewals_per_second:,.0f} renewals/s  ({_client_processes_text(e2e.clients)},"
             f" new mTLS connection each, {e2e.renewals:,} in {e2e.seconds:.1f} s)",
         ),
         ("  latency", f"p50 {e2e.p50_ms:.1f} ms, p99 {e2e.p99_ms:.1f} ms"),
@@ -604,6 +604,10 @@ def format_report(report: Report) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _client_processes_text(count: int) -> str:
+    return f"{count} client process" + ("" if count == 1 else "es")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -640,8 +644,12 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    seconds = args.seconds or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
-    clients = args.clients or (QUICK_CLIENTS if args.quick else DEFAULT_CLIENTS)
+    seconds = args.seconds
+    if seconds is None:
+        seconds = QUICK_SECONDS if args.quick else DEFAULT_SECONDS
+    clients = args.clients
+    if clients is None:
+        clients = QUICK_CLIENTS if args.quick else DEFAULT_CLIENTS
     if seconds <= 0 or clients <= 0:
         print("error: --seconds and --clients must be positive", file=sys.stderr)
         return 2
