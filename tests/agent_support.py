@@ -56,7 +56,11 @@ class FakeSource:
     def subscribe(self, callback: Callable[..., None]) -> Callable[[], None]:
         token = object()
         self._subscribers[token] = callback
-        return lambda: self._subscribers.pop(token, None)
+
+        def unsubscribe() -> None:
+            self._subscribers.pop(token, None)
+
+        return unsubscribe
 
     def close(self) -> None:
         self.closed = True

@@ -16,7 +16,6 @@ from dmc.agent import AgentServer
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
-from google.rpc import status_pb2
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 QUIET_SECONDS = 0.3
@@ -64,7 +63,8 @@ class Envoy:
         request.node.id = "envoy-a"
         request.node.cluster = "web"
         if error is not None:
-            request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+            request.error_detail.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            request.error_detail.message = error
         await self.call.write(request)
 
     async def response(self) -> Any:
