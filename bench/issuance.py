@@ -107,6 +107,7 @@ class Report:
     """Everything one run prints."""
 
     cpu_count: int | None
+    load_average: float | None
     python: str
     cryptography: str
     grpcio: str
@@ -552,8 +553,17 @@ def _wait_for(
 # -- the command ----------------------------------------------------------------------------
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def run(seconds: float, clients: int) -> Report:
     """Measure both figures on this machine."""
+    # Other work on the machine takes cores from both figures; the report shows how much.
+    load_average = _load_average()
     in_process = measure_in_process(seconds)
 
     with tempfile.TemporaryDirectory(prefix="dmc-bench-") as folder:
@@ -566,6 +576,7 @@ def run(seconds: float, clients: int) -> Report:
 
     return Report(
         cpu_count=os.cpu_count(),
+        load_average=load_average,
         python=platform.python_version(),
         cryptography=version("cryptography"),
         grpcio=version("grpcio"),
@@ -578,6 +589,7 @@ def run(seconds: float, clients: int) -> Report:
 def format_report(report: Report) -> str:
     """The short human table."""
     inp, e2e = report.in_process, report.end_to_end
+    load = "-" if report.load_average is None else f"{report.load_average:.2f}"
     cpu = "-"
     if e2e.ca_cpu_percent is not None and e2e.ca_cpu_ms_per_renewal is not None:
         cpu = (
@@ -585,7 +597,10 @@ def format_report(report: Report) -> str:
             f" renewal (in-process: {1000 / inp.svids_per_second:.2f} ms per SVID)"
         )
     rows = [
-        ("machine", f"{report.cpu_count} cores, Python {report.python}"),
+        (
+            "machine",
+            f"{report.cpu_count} cores, load average {load} at start, Python {report.python}",
+        ),
         ("libraries", f"cryptography {report.cryptography}, grpcio {report.grpcio}"),
         (
             "in-process limit",
