@@ -30,7 +30,7 @@ def _pem(path: Path) -> x509.Certificate:
 
 @pytest.fixture(autouse=True)
 def _fresh_now() -> None:
-    global NOW
+    global NOW  # noqa: PLW0603 - the module-wide "now" of the leaves under test
     NOW = datetime.now(UTC).replace(microsecond=0)
 
 

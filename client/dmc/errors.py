@@ -44,6 +44,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "error_for_status",
+    "shown",
     "status_code_of",
 ]
 
@@ -136,3 +137,15 @@ def status_code_of(error: DmcError) -> grpc.StatusCode:
 def error_for_status(code: grpc.StatusCode, details: str) -> DmcError:
     """Turn a status received from a dmc server back into the matching error class."""
     return _ERROR_OF.get(code, DmcError)(details)
+
+
+def shown(value: str, *, limit: int = 200, quote: bool = True) -> str:
+    """``value`` fit for an error message: non-printables escaped, long values cut.
+
+    Messages name what was wrong, but a value echoed whole could be megabytes long, past
+    what a gRPC status trailer may carry (16 KiB), or could carry control characters.
+    """
+    escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in value)
+    if len(escaped) > limit:
+        escaped = f"{escaped[:limit]}... ({len(value)} characters)"
+    return f"'{escaped}'" if quote else escaped

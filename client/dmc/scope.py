@@ -29,6 +29,7 @@ from dmc.errors import (
     InvalidSpiffeId,
     PermissionDenied,
     ScopeWidening,
+    shown,
 )
 from dmc.spiffe_id import SpiffeId
 from pyasn1.codec.der import decoder as der_decoder
@@ -195,7 +196,7 @@ def validate_permission(permission: str) -> str:
     if permission == ANY or _PERMISSION.fullmatch(permission):
         return permission
     raise InvalidScope(
-        f"permission '{permission}' is not '*', '/pkg.Service/*' or '/pkg.Service/Method' "
+        f"permission {shown(permission)} is not '*', '/pkg.Service/*' or '/pkg.Service/Method' "
         "(a service is dotted identifiers, a method an identifier)"
     )
 
@@ -205,7 +206,7 @@ def validate_audience(audience: str, trust_domain: str) -> str:
     base = _parse_audience(audience)
     if base is not None and base.trust_domain != trust_domain:
         raise InvalidScope(
-            f"audience '{audience}' is in trust domain '{base.trust_domain}', "
+            f"audience {shown(audience)} is in trust domain '{base.trust_domain}', "
             f"not in '{trust_domain}'"
         )
     return audience
@@ -291,10 +292,12 @@ def derive_delegated_scope(
         raise ScopeWidening(f"SPIFFE ID '{child_id}' is not '{parent_id}' or below it")
     for permission in permissions:
         if not any(permission_covers(p, permission) for p in parent_scope.permissions):
-            raise ScopeWidening(f"permission '{permission}' is not covered by the caller's scope")
+            raise ScopeWidening(
+                f"permission {shown(permission)} is not covered by the caller's scope"
+            )
     for audience in audiences:
         if not any(audience_covers(a, audience) for a in parent_scope.audiences):
-            raise ScopeWidening(f"audience '{audience}' is not covered by the caller's scope")
+            raise ScopeWidening(f"audience {shown(audience)} is not covered by the caller's scope")
 
     # SPEC §3: the delegation ends at now + ttl, shortened (not refused) to P's notAfter.
     not_after = now.astimezone(UTC).replace(microsecond=0) + timedelta(seconds=ttl_seconds)
@@ -324,7 +327,7 @@ def _parse_audience(audience: str) -> SpiffeId | None:
     try:
         return SpiffeId.parse(text)
     except InvalidSpiffeId as exc:
-        raise InvalidSpiffeId(f"audience '{audience}': {exc}") from exc
+        raise InvalidSpiffeId(f"audience {shown(audience)}: {exc}") from exc
 
 
 def _parse_delegator(delegator: str) -> SpiffeId:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Self
 
-from dmc.errors import InvalidSpiffeId
+from dmc.errors import InvalidSpiffeId, shown
 
 __all__ = ["MAX_SPIFFE_ID_BYTES", "SCHEME", "SpiffeId", "validate_trust_domain"]
 
@@ -184,8 +184,5 @@ def _show_char(char: str) -> str:
 
 
 def _show(text: str | None) -> str:
-    """Quote ``text`` for a message: non-printables escaped, long values cut short."""
-    shown = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text or "")
-    if len(shown) > _SHOWN_CHARS:
-        shown = shown[: _SHOWN_CHARS - 3] + "..."
-    return f"'{shown}'"
+    """Quote ``text`` for a message (see `dmc.errors.shown`)."""
+    return shown(text or "", limit=_SHOWN_CHARS)

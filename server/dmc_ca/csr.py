@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from dmc.errors import InvalidCsr, InvalidSpiffeId, PermissionDenied
+from dmc.errors import InvalidCsr, InvalidSpiffeId, PermissionDenied, shown
 from dmc.spiffe_id import SpiffeId
 
 from dmc_ca.keys import AllowedPublicKey, check_public_key
@@ -166,8 +166,5 @@ def _describe(name: x509.GeneralName) -> str:
 
 
 def _shown(text: str) -> str:
-    """``text`` fit for a message: control characters escaped, long values cut."""
-    escaped = text.encode("unicode_escape").decode("ascii")
-    if len(escaped) > _SHOWN_MAX:
-        return f"{escaped[:_SHOWN_MAX]}... ({len(text)} characters)"
-    return escaped
+    """``text`` fit for a message, unquoted (see `dmc.errors.shown`)."""
+    return shown(text, limit=_SHOWN_MAX, quote=False)

@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dmc_ca.ca import CA_PATH, CertificateAuthority
 from dmc_ca.keys import KeyType, generate_private_key
-from dmc_ca.service import AdminService, CertificateAuthorityService
+from dmc_ca.service import AdminService, CertificateAuthorityService, RequestDecoder
 from dmc_ca.store import Store
 
 __all__ = ["CaServer", "ListenAddress", "serving_names"]
@@ -169,8 +169,8 @@ class CaServer:
         """Bind both listeners and start serving; ports chosen by the OS are then known."""
         self._issue_serving_config(with_roots=True)
         health_servicer = health.aio.HealthServicer()
-        mtls = grpc.aio.server()
-        boot = grpc.aio.server()
+        mtls = grpc.aio.server(interceptors=[RequestDecoder()])
+        boot = grpc.aio.server(interceptors=[RequestDecoder()])
 
         ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
             CertificateAuthorityService(self._ca, self._store, bootstrap_listener=False), mtls

@@ -9,6 +9,7 @@ Errors become status codes in one place, :func:`_map_errors`, through
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -23,6 +24,7 @@ from dmc.errors import (
     InvalidArgument,
     Unauthenticated,
     Unimplemented,
+    shown,
     status_code_of,
 )
 from dmc.revocation import RevocationSet, revocation_to_proto
@@ -36,12 +38,20 @@ from dmc_ca.keys import KeyType
 from dmc_ca.model import AuthorityState, Entry
 from dmc_ca.store import Store
 
-__all__ = ["AdminService", "CertificateAuthorityService", "authority_to_proto", "bundle_to_proto"]
+__all__ = [
+    "AdminService",
+    "CertificateAuthorityService",
+    "RequestDecoder",
+    "authority_to_proto",
+    "bundle_to_proto",
+]
 
 _log = logging.getLogger(__name__)
 
 # How often a bundle consumer should refetch when it cannot watch (SPEC §4 refresh hint).
 REFRESH_HINT_SECONDS = 300
+# A last bound on what a status trailer carries; messages cut long values themselves.
+_DETAILS_MAX = 1024
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -60,13 +70,76 @@ def _map_errors(method: _Handler[_Request, _Response]) -> _Handler[_Request, _Re
             code = status_code_of(error)
             # Expected denials are routine for a CA: INFO, not ERROR (STYLE.md).
             _log.info("%s refused: %s: %s", method.__name__, code.name, error)
-            await context.abort(code, str(error))
+            await context.abort(code, shown(str(error), limit=_DETAILS_MAX, quote=False))
         except Exception:
             _log.exception("internal error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the CA's log")
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
+
+
+class RequestDecoder(grpc.aio.ServerInterceptor):
+    """Answer bytes that are not the request message with INVALID_ARGUMENT.
+
+    gRPC decodes a request before any servicer code runs and reports a failure as UNKNOWN;
+    this takes the decoding over for every RPC with a single request message (SPEC §4:
+    malformed input is INVALID_ARGUMENT, nothing leaks as UNKNOWN).
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        decode = handler.request_deserializer
+
+        async def request_of(raw: bytes, context: _Context) -> Any:
+            try:
+                return decode(raw)
+            except Exception:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request to {method} is not a valid protobuf message of its type",
+                )
+
+        if handler.unary_unary is not None:
+            # Typed for sync servers; on an aio server the behaviours are coroutines.
+            unary: Any = handler.unary_unary
+
+            async def unary_behaviour(raw: bytes, context: _Context) -> Any:
+                return await unary(await request_of(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_behaviour, response_serializer=handler.response_serializer
+            )
+
+        streaming: Any = handler.unary_stream
+        if streaming is None:
+            return handler
+        if inspect.isasyncgenfunction(streaming):
+
+            async def stream_behaviour(raw: bytes, context: _Context) -> AsyncIterator[Any]:
+                async for response in streaming(await request_of(raw, context), context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behaviour, response_serializer=handler.response_serializer
+            )
+
+        async def writing_behaviour(raw: bytes, context: _Context) -> Any:
+            # A servicer that writes with context.write() instead of yielding.
+            return await streaming(await request_of(raw, context), context)
+
+        return grpc.unary_stream_rpc_method_handler(
+            writing_behaviour, response_serializer=handler.response_serializer
+        )
 
 
 def _timestamp(moment: datetime) -> Timestamp:
