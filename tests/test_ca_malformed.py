@@ -57,6 +57,8 @@ METHODS: list[MethodDescriptor] = [
     for method in module.DESCRIPTOR.services_by_name[service].methods
 ]
 BOOTSTRAP = "dmc.v1.CertificateAuthority.Bootstrap"
+# Admin methods whose empty fields mean "the newest" or "the previous" authority (SPEC §4).
+AUTHORITY_LIFE_CYCLE = frozenset({"PrepareAuthority", "ActivateAuthority", "RetireAuthority"})
 
 
 def _path(method: MethodDescriptor) -> str:
@@ -435,16 +437,25 @@ def _bundle(ca: CaHarness) -> ca_pb2.TrustBundle:
         )
 
 
+def _harness(etcd: EtcdProcess, folder: Path) -> CaHarness:
+    harness = CaHarness(
+        etcd.endpoint, f"/malformed-{uuid.uuid4().hex}/", folder, trust_domain=TRUST_DOMAIN
+    )
+    harness.start()
+    return harness
+
+
 @pytest.fixture(scope="module")
 def barrage(etcd: EtcdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Barrage]:
-    """A CA of its own, some state stored, then every hostile request sent once."""
-    ca = CaHarness(
-        etcd.endpoint,
-        f"/malformed-{uuid.uuid4().hex}/",
-        Path(tmp_path_factory.mktemp("malformed")),
-        trust_domain=TRUST_DOMAIN,
-    )
-    ca.start()
+    """A CA of its own, some state stored, then every hostile request sent once.
+
+    The authority life cycle takes empty fields as "the newest" or "the previous", so some
+    of its hostile requests are valid rotations; the admin's go to a second CA, so that the
+    first one's bundle must stay exactly as it was.
+    """
+    ca = _harness(etcd, tmp_path_factory.mktemp("malformed"))
+    rotating = _harness(etcd, tmp_path_factory.mktemp("malformed-rotating"))
+    channels: list[grpc.Channel] = []
     try:
         kept_id = ca.create_entry(
             "/kept/api", ("/demo.Echo/*",), ("*",), 1, 900, ("kept.example.org",)
@@ -455,40 +466,44 @@ def barrage(etcd: EtcdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iter
         )
         bootstrap_id = ca.create_entry("/fuzz/bootstrap", ("*",), ("*",), 0, 900)
         workload_pem, workload_key = _bootstrap_svid(ca, workload_id)
-        admin_pem = (ca.data_dir / "admin.pem").read_bytes()
-        admin_key = (ca.data_dir / "admin.key").read_bytes()
         result = Barrage(ca, _list_entries(ca), _bundle(ca), kept_id, kept_token)
 
-        callers = {
-            "admin": (ca.channel(admin_pem, admin_key), ca.id("/dmc/admin")),
-            "workload": (ca.channel(workload_pem, workload_key), workload_id),
-        }
+        channels += [
+            ca.admin_channel(),
+            ca.channel(workload_pem, workload_key),
+            ca.bootstrap_channel(),
+            rotating.admin_channel(),
+        ]
+        admin, workload, bootstrap, rotating_admin = channels
         strings = _hostile_strings()
-        try:
-            for method in METHODS:
-                outcomes = result.outcomes.setdefault(method.full_name, [])
-                if method.full_name == BOOTSTRAP:
-                    targets = [("bootstrap listener", ca.bootstrap_channel(), bootstrap_id)]
-                else:
-                    targets = [(name, ch, i) for name, (ch, i) in callers.items()]
-                for caller, channel, caller_id in targets:
-                    baseline = _baselines(ca, caller_id, bootstrap_id).get(
-                        method.full_name, lambda m=method: _message_class(m.input_type)()
-                    )
-                    blobs = _hostile_bytes(csr_der(uri=caller_id))
-                    hostile = [*_mutations(baseline, strings, blobs), *_raw(baseline())]
-                    for item in hostile:
-                        code, details = _call(channel, method, item.payload)
-                        outcomes.append(
-                            Outcome(method.full_name, caller, item.what, code, details)
-                        )
-                    if caller == "bootstrap listener":
-                        channel.close()
-        finally:
-            for channel, _ in callers.values():
-                channel.close()
+        for method in METHODS:
+            if method.full_name == BOOTSTRAP:
+                targets = [("bootstrap listener", bootstrap, ca, bootstrap_id)]
+            else:
+                rotates = method.name in AUTHORITY_LIFE_CYCLE
+                targets = [
+                    (
+                        "admin",
+                        rotating_admin if rotates else admin,
+                        rotating if rotates else ca,
+                        ca.id("/dmc/admin"),
+                    ),
+                    ("workload", workload, ca, workload_id),
+                ]
+            outcomes = result.outcomes.setdefault(method.full_name, [])
+            for caller, channel, target, caller_id in targets:
+                baseline = _baselines(target, caller_id, bootstrap_id).get(
+                    method.full_name, lambda m=method: _message_class(m.input_type)()
+                )
+                blobs = _hostile_bytes(csr_der(uri=caller_id))
+                for item in [*_mutations(baseline, strings, blobs), *_raw(baseline())]:
+                    code, details = _call(channel, method, item.payload)
+                    outcomes.append(Outcome(method.full_name, caller, item.what, code, details))
         yield result
     finally:
+        for channel in channels:
+            channel.close()
+        rotating.stop()
         ca.stop()
 
 
