@@ -25,6 +25,7 @@ from dmc._cli import (
     run_command,
 )
 from dmc.errors import InvalidArgument
+from dmc.pem import load_certificates, load_private_key
 from dmc.spiffe_id import validate_trust_domain
 
 from dmc_ca.ca import CertificateAuthority
@@ -216,9 +217,13 @@ Stop with Ctrl-C (etcd stops too)."""
 def _init(args: argparse.Namespace) -> None:
     if (args.ca_cert is None) != (args.ca_key is None):
         raise InvalidArgument("--ca-cert and --ca-key go together")
-    # Read the imported CA before touching anything, so a bad file writes nothing.
+    # Read the imported CA before touching anything, so a bad file writes nothing, and
+    # parse it here once so that an error names the file the operator gave.
     ca_chain_pem = Path(args.ca_cert).read_bytes() if args.ca_cert else None
     ca_key_pem = Path(args.ca_key).read_bytes() if args.ca_key else None
+    if ca_chain_pem is not None and ca_key_pem is not None:
+        load_certificates(ca_chain_pem, args.ca_cert)
+        load_private_key(ca_key_pem, args.ca_key)
     admin_ttl_seconds = int(args.admin_ttl.total_seconds())
     if admin_ttl_seconds <= 0:
         raise InvalidArgument("--admin-ttl must be positive")
