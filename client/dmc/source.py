@@ -61,6 +61,7 @@ __all__ = [
     "Identity",
     "IdentitySource",
     "RenewalPolicy",
+    "load_identity",
     "persist_identity",
 ]
 
