@@ -101,10 +101,13 @@ def test_every_sub_command_has_help(command: str) -> None:
     assert result.stdout.startswith(f"usage: dmc {command}")
 
 
-def test_agent_says_it_is_not_built() -> None:
-    result = dmc("agent", "--ca", "127.0.0.1:1", "--dir", "d", "--socket", "s")
+def test_agent_without_a_credential_folder_says_so(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    result = dmc("agent", "--ca", "127.0.0.1:1", "--dir", str(missing), "--socket", "s")
 
-    assert error_line(result) == "error: UNIMPLEMENTED: dmc agent is not built yet"
+    line = error_line(result)
+    assert line.startswith("error: INVALID_ARGUMENT: ")
+    assert "missing" in line
 
 
 def test_bootstrap_names_every_missing_flag() -> None:

@@ -12,6 +12,7 @@ from dmc.errors import (
     InvalidSpiffeId,
     PermissionDenied,
     ScopeWidening,
+    shown,
 )
 from dmc.scope import (
     EMPTY_SCOPE,
@@ -218,7 +219,9 @@ def test_validate_permission_refuses_naming_it(permission: str) -> None:
     with pytest.raises(InvalidScope) as caught:
         validate_permission(permission)
 
-    assert f"permission '{permission}'" in str(caught.value)
+    # Named as shown in a one-line message: control characters escaped.
+    assert f"permission {shown(permission)}" in str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,9 @@ def shown(value: str, *, limit: int = 200, quote: bool = True) -> str:
     Messages name what was wrong, but a value echoed whole could be megabytes long, past
     what a gRPC status trailer may carry (16 KiB), or could carry control characters.
     """
-    escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in value)
+    escaped = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
+    )
     if len(escaped) > limit:
         escaped = f"{escaped[:limit]}... ({len(value)} characters)"
     return f"'{escaped}'" if quote else escaped
