@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dmc._cli import (
@@ -30,6 +31,7 @@ from dmc.spiffe_id import validate_trust_domain
 
 from dmc_ca.ca import CertificateAuthority
 from dmc_ca.keys import KeyType
+from dmc_ca.profile import check_imported_authority
 from dmc_ca.runtime import (
     CaSettings,
     DevReady,
@@ -222,8 +224,11 @@ def _init(args: argparse.Namespace) -> None:
     ca_chain_pem = Path(args.ca_cert).read_bytes() if args.ca_cert else None
     ca_key_pem = Path(args.ca_key).read_bytes() if args.ca_key else None
     if ca_chain_pem is not None and ca_key_pem is not None:
-        load_certificates(ca_chain_pem, args.ca_cert)
-        load_private_key(ca_key_pem, args.ca_key)
+        check_imported_authority(
+            load_certificates(ca_chain_pem, args.ca_cert),
+            load_private_key(ca_key_pem, args.ca_key),
+            datetime.now(UTC),
+        )
     admin_ttl_seconds = int(args.admin_ttl.total_seconds())
     if admin_ttl_seconds <= 0:
         raise InvalidArgument("--admin-ttl must be positive")
