@@ -35,6 +35,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 
 __all__ = [
     "SECRET_TYPE_URL",
+    "SERVICE_NAME",
     "TLS_CERTIFICATE_NAME",
     "VALIDATION_CONTEXT_NAME",
     "SecretDiscoveryService",
@@ -278,5 +279,8 @@ async def _read_requests(requests: AsyncIterator[_Request], events: asyncio.Queu
     try:
         async for request in requests:
             events.put_nowait(request)
+    except Exception as exc:
+        # The call is ending (the client went away); the stream loop ends on _END.
+        _log.debug("SDS request stream ended: %r", exc)
     finally:
         events.put_nowait(_END)
