@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from typing import TypeVar
 
-from cryptography import x509
 from dmc._cli import (
     CommandParser,
     add_command,
@@ -26,20 +25,16 @@ from dmc._cli import (
 )
 from dmc.connect import ca_channel, load_credential
 from dmc.errors import InvalidArgument
-from dmc.pem import certificates_to_pem
 from dmc.revocation import normalize_serial
 from dmc.scope import MAX_DEPTH, validate_audience, validate_permission
 from dmc.spiffe_id import SpiffeId
-from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
+from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2
+
+from dmc_ca.cli.bundle import add_bundle_commands, bundle_data
 
 __all__ = ["build_parser", "main"]
 
 RPC_TIMEOUT_SECONDS = 30.0
-_STATE_NAMES = {
-    ca_pb2.PREPARED: "PREPARED",
-    ca_pb2.ACTIVE: "ACTIVE",
-    ca_pb2.PREVIOUS: "PREVIOUS",
-}
 
 _Response = TypeVar("_Response")
 
@@ -124,9 +119,7 @@ def build_parser() -> CommandParser:
     revocations = add_command(parser, "revocations", help="revocations in force")
     add_command(revocations, "list", help="list every revocation", handler=_revocations_list)
 
-    bundle = add_command(parser, "bundle", help="the trust bundle")
-    show = add_command(bundle, "show", help="print the trust bundle", handler=_bundle_show)
-    add_option(show, "--format", choices=["pem"], default="pem", help="bundle format")
+    add_bundle_commands(parser)
 
     add_command(parser, "status", help="the CA's state as the caller sees it", handler=_status)
     return parser
@@ -270,40 +263,6 @@ def _revocations_list(args: argparse.Namespace) -> None:
     emit(args.output, {"revocations": revocations}, text="\n".join(lines) or "(no revocations)")
 
 
-def _bundle_data(bundle: ca_pb2.TrustBundle) -> dict[str, object]:
-    authorities = []
-    for authority in bundle.authorities:
-        certificate = x509.load_der_x509_certificate(authority.certificate)
-        authorities.append(
-            {
-                "id": authority.id,
-                "state": _STATE_NAMES.get(authority.state, "UNSPECIFIED"),
-                "subject": certificate.subject.rfc4514_string(),
-                "not_after": rfc3339(certificate.not_valid_after_utc),
-            }
-        )
-    return {
-        "trust_domain": bundle.trust_domain,
-        "sequence": bundle.sequence,
-        "refresh_hint_seconds": bundle.refresh_hint_seconds,
-        "authorities": authorities,
-    }
-
-
-def _bundle_show(args: argparse.Namespace) -> None:
-    credential = load_credential(args.cert, args.key, args.bundle)
-    with (
-        ca_channel(args.ca, credential.bundle_pem, credential.chain_pem, credential.key_pem) as ch,
-        calls_to(args.ca),
-    ):
-        bundle = ca_pb2_grpc.CertificateAuthorityStub(ch).GetTrustBundle(
-            ca_pb2.GetTrustBundleRequest(), timeout=RPC_TIMEOUT_SECONDS
-        )
-    roots = [x509.load_der_x509_certificate(a.certificate) for a in bundle.authorities]
-    data: dict[str, object] = {**_bundle_data(bundle), "pem": certificates_to_pem(roots).decode()}
-    emit(args.output, data, text=certificates_to_pem(roots).decode())
-
-
 def _status(args: argparse.Namespace) -> None:
     status = _call(
         args,
@@ -316,6 +275,6 @@ def _status(args: argparse.Namespace) -> None:
         "replica": status.replica,
         "entries": status.entries,
         "etcd_revision": status.etcd_revision,
-        "bundle": _bundle_data(status.bundle),
+        "bundle": bundle_data(status.bundle),
     }
     emit(args.output, data)
