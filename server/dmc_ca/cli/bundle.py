@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -171,21 +172,28 @@ class _Operator:
         self.roots = roots
         write_atomic(self._paths[2], certificates_to_pem(roots), _PUBLIC_MODE)
 
-    def renew_under(self, bundle: ca_pb2.TrustBundle) -> bool:
+    def renew_under(self, bundle: ca_pb2.TrustBundle) -> None:
         """Renew the operator SVID unless it chains to the ACTIVE authority already."""
         active = [
             x509.load_der_x509_certificate(a.certificate)
             for a in bundle.authorities
             if a.state == ca_pb2.ACTIVE
         ]
-        now = datetime.now(UTC)
         try:
-            verify_chain(self.credential.chain, active, now)
+            verify_chain(self.credential.chain, active, datetime.now(UTC))
         except DmcError:
-            pass
-        else:
-            return False
+            self._renew()
 
+    def keep_fresh(self) -> None:
+        """Renew the operator SVID once half its life has passed, as workloads do (SPEC §7)."""
+        leaf = self.credential.chain[0]
+        half = (
+            leaf.not_valid_before_utc + (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2
+        )
+        if datetime.now(UTC) >= half:
+            self._renew()
+
+    def _renew(self) -> None:
         current = parse_svid(self.credential.chain[0])
         key = new_key_like(self.credential.key)
         request = ca_pb2.RenewRequest(csr=csr_for(key, current.spiffe_id))
@@ -201,7 +209,6 @@ class _Operator:
         write_atomic(key_path, private_key_to_pem(issued.key), _KEY_MODE)
         write_atomic(cert_path, certificates_to_pem(issued.chain), _PUBLIC_MODE)
         self.credential = Credential(chain=issued.chain, key=issued.key, bundle=self.roots)
-        return True
 
 
 def _roots(bundle: ca_pb2.TrustBundle) -> list[x509.Certificate]:
@@ -335,6 +342,7 @@ class _RotateClient:
         self._key_type = key_type
 
     def bundle(self) -> ca_pb2.TrustBundle:
+        self._operator.keep_fresh()
         bundle = self._operator.bundle()
         # Renewed as soon as another authority signs, which is long before the overlap
         # ends and the old one goes.
@@ -364,11 +372,17 @@ def _rotate(args: argparse.Namespace) -> None:
     operator = _Operator(args)
     printer = ProgressPrinter(sys.stderr, sys.stderr.isatty())
 
+    def sleep(seconds: float) -> None:
+        # A wait may outlast the operator's SVID; it is renewed as it goes.
+        time.sleep(seconds)
+        operator.keep_fresh()
+
     actions = rotate(
         _RotateClient(operator, _key_type(args)),
         propagation=args.propagation,
         overlap=args.overlap,
         on_progress=printer,
+        sleep=sleep,
     )
     bundle = operator.bundle()
     emit(
