@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -208,12 +209,21 @@ def test_ca_serving_certificate_follows_activation_without_restart(ca: CaHarness
     )
     new_root_only = certificates_to_pem([x509.load_der_x509_certificate(prepared.certificate)])
 
-    # A client that trusts only the new root reaches the CA: its serving SVID was reissued.
+    # A client that trusts only the new root reaches the CA: its serving SVID is reissued
+    # on the bundle change (by the server's own task, so within moments of the RPC).
     credentials = grpc.ssl_channel_credentials(root_certificates=new_root_only)
-    with grpc.secure_channel(ca.bootstrap_address, credentials) as channel:
-        bundle = ca_pb2_grpc.CertificateAuthorityStub(channel).GetTrustBundle(
-            ca_pb2.GetTrustBundleRequest(), timeout=TIMEOUT
-        )
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with grpc.secure_channel(ca.bootstrap_address, credentials) as channel:
+                bundle = ca_pb2_grpc.CertificateAuthorityStub(channel).GetTrustBundle(
+                    ca_pb2.GetTrustBundleRequest(), timeout=TIMEOUT
+                )
+            break
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     assert ids_by_state(bundle)["ACTIVE"] == [prepared.id]
 
 
