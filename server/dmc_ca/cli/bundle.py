@@ -24,7 +24,12 @@ from dmc._issuance import csr_for, new_key_like, read_svid_response
 from dmc.connect import Credential, ca_channel, load_credential
 from dmc.errors import DmcError, InvalidArgument
 from dmc.files import write_atomic
-from dmc.pem import certificates_to_pem, private_key_to_pem
+from dmc.pem import (
+    certificates_to_pem,
+    load_certificates,
+    load_private_key,
+    private_key_to_pem,
+)
 from dmc.spiffe_bundle import SpiffeBundle, write_spiffe_bundle
 from dmc.svid import parse_svid, verify_chain
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
@@ -298,6 +303,10 @@ def _prepare(args: argparse.Namespace) -> None:
     # checks the rest and writes nothing when it refuses.
     chain_pem = Path(args.ca_cert).read_bytes() if args.ca_cert else b""
     key_pem = Path(args.ca_key).read_bytes() if args.ca_key else b""
+    if args.ca_cert:
+        # Read here first, so that a cut-off or corrupt block is named with its file.
+        load_certificates(chain_pem, args.ca_cert)
+        load_private_key(key_pem, args.ca_key)
     operator = _Operator(args)
     request = admin_pb2.PrepareAuthorityRequest(
         key_type=_key_type(args), ca_certificate_chain_pem=chain_pem, ca_private_key_pem=key_pem
