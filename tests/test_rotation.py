@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from dmc.spiffe_id import SpiffeId
 from dmc.svid import verify_chain
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
 from dmc_ca.authorities import VIEW_LAG_ALLOWANCE, plan_activation, plan_retirement
+from dmc_ca.cli.bundle import ProgressPrinter
 from dmc_ca.etcd_process import EtcdProcess
 from dmc_ca.keys import KeyType
 from dmc_ca.model import AuthorityRecord, AuthorityState
@@ -637,3 +639,26 @@ def test_bundle_retire_too_early_prints_one_error_line(ca: CaHarness) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: FAILED_PRECONDITION: authority ")
     assert "can be valid until" in lines[0]
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() -> None:
+    waits = [
+        Progress(Step.WAIT_PROPAGATION, "a1", timedelta(seconds=s), timedelta(seconds=30))
+        for s in (30, 29, 15, 0)
+    ]
+    terminal, plain = io.StringIO(), io.StringIO()
+
+    for printer in (ProgressPrinter(terminal, True), ProgressPrinter(plain, False)):
+        printer(Progress(Step.PREPARE, ""))
+        for progress in waits:
+            printer(progress)
+
+    assert (
+        "\r[" + "#" * 15 + "-" * 15 + "] wait for propagation a1: 15s left" in terminal.getvalue()
+    )
+    assert plain.getvalue().splitlines() == [
+        "bundle rotate: prepare",
+        "bundle rotate: wait for propagation a1: 30s left",
+        "bundle rotate: wait for propagation a1: 15s left",
+        "bundle rotate: wait for propagation a1: 0s left",
+    ]
