@@ -55,7 +55,9 @@ def _authority(
 
 
 def _token(ttl_seconds: int = 60) -> JoinToken:
-    return JoinToken(spiffe_id=_id("/web"), expires_at=NOW + timedelta(seconds=ttl_seconds))
+    # From the real now: the suite may run for minutes after this module was imported.
+    expires_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=ttl_seconds)
+    return JoinToken(spiffe_id=_id("/web"), expires_at=expires_at)
 
 
 async def _eventually(
@@ -223,9 +225,10 @@ async def test_create_entry_refuses_another_trust_domain(store: Store) -> None:
 
 async def test_fifty_concurrent_spends_of_one_token_let_exactly_one_win(store: Store) -> None:
     token_hash = hash_token("one-use")
-    await store.create_token(token_hash, _token(), 60)
+    token = _token()
+    await store.create_token(token_hash, token, 60)
     record, mod_revision = await store.get_token(token_hash)
-    assert record == _token()
+    assert record == token
 
     results = await asyncio.gather(
         *(store.spend_token(token_hash, mod_revision) for _ in range(50)),
