@@ -8,9 +8,10 @@ replica against etcd; `dev` runs a local etcd, initialises on first run, and ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,24 +133,47 @@ async def initialise(
     return CertificateAuthority(store, kek, trust_domain)
 
 
-async def _serve_until_signalled(server: CaServer, on_ready: Callable[[CaServer], None]) -> None:
-    await server.start()
-    on_ready(server)
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[asyncio.Event]:
+    """An event set by SIGINT or SIGTERM, with the handlers held for the whole block.
+
+    Installed before anything is started and kept until everything has stopped, so a
+    signal during start-up or a second one during shutdown still lets `dev` stop its etcd.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+
+
+async def _serve_until(
+    server: CaServer, stop: asyncio.Event, on_ready: Callable[[CaServer], None]
+) -> None:
+    if stop.is_set():
+        return
+    await server.start()
+    try:
+        on_ready(server)
+        await stop.wait()
+    finally:
         await server.stop()
 
 
 async def run_serve(settings: CaSettings, on_ready: Callable[[CaServer], None]) -> None:
     """Serve one replica until SIGINT or SIGTERM."""
     kek = load_kek(settings.kek_file)
+    with _stop_on_signals() as stop:
+        await _serve_replica(settings, kek, stop, on_ready)
+
+
+async def _serve_replica(
+    settings: CaSettings, kek: bytes, stop: asyncio.Event, on_ready: Callable[[CaServer], None]
+) -> None:
     store = await Store.open(
         list(settings.etcd_endpoints), settings.etcd_prefix, settings.trust_domain
     )
@@ -164,7 +188,7 @@ async def run_serve(settings: CaSettings, on_ready: Callable[[CaServer], None]) 
             settings.dns_names,
             settings.ip_sans,
         )
-        await _serve_until_signalled(server, on_ready)
+        await _serve_until(server, stop, on_ready)
     finally:
         await store.close()
 
@@ -196,23 +220,24 @@ async def run_dev(
     kek = load_kek(kek_file)
 
     etcd = EtcdProcess(data_dir / "etcd", log_path=data_dir / "etcd.log")
-    etcd.start()
-    try:
-        store = await Store.open([etcd.endpoint], etcd_prefix, trust_domain)
+    with _stop_on_signals() as stop:
+        etcd.start()
         try:
-            first_run = not store.view.authorities
-            if first_run:
-                ca = await initialise(store, kek, trust_domain)
-            else:
-                ca = CertificateAuthority(store, kek, trust_domain)
-            credential = write_admin_credential(ca, data_dir, DEFAULT_ADMIN_TTL_SECONDS)
-            server = CaServer(ca, store, listen, bootstrap_listen)
+            store = await Store.open([etcd.endpoint], etcd_prefix, trust_domain)
+            try:
+                first_run = not store.view.authorities
+                if first_run:
+                    ca = await initialise(store, kek, trust_domain)
+                else:
+                    ca = CertificateAuthority(store, kek, trust_domain)
+                credential = write_admin_credential(ca, data_dir, DEFAULT_ADMIN_TTL_SECONDS)
+                server = CaServer(ca, store, listen, bootstrap_listen)
 
-            def ready(started: CaServer) -> None:
-                on_ready(DevReady(started, credential, etcd.endpoint, first_run))
+                def ready(started: CaServer) -> None:
+                    on_ready(DevReady(started, credential, etcd.endpoint, first_run))
 
-            await _serve_until_signalled(server, ready)
+                await _serve_until(server, stop, ready)
+            finally:
+                await store.close()
         finally:
-            await store.close()
-    finally:
-        etcd.stop()
+            etcd.stop()
