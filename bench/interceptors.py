@@ -48,13 +48,14 @@ from importlib.metadata import version
 from pathlib import Path
 
 import grpc
+from issuance import CaEndpoints, DevCa, percentile
+
 from dmc.authz import AuthorizingInterceptor
 from dmc.channel import secure_channel
 from dmc.credentials import server_credentials
 from dmc.revocations_follower import RevocationFollower
 from dmc.source import IdentitySource
 from dmc.v1 import admin_pb2, admin_pb2_grpc
-from issuance import CaEndpoints, DevCa, percentile
 
 TRUST_DOMAIN = "example.org"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/bench/server"

@@ -13,9 +13,10 @@ import json
 import logging
 import time
 
-import dmc
 import grpc
 from _dev import FRONTEND_ID, INVENTORY_DNS, INVENTORY_ID, add_dev_arguments, enroll
+
+import dmc
 
 
 def call(channel: grpc.Channel, method: str, item: str) -> None:

@@ -17,9 +17,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import dmc
 import grpc
 from _dev import INVENTORY_DNS, INVENTORY_ID, add_dev_arguments, enroll
+
+import dmc
 
 _log = logging.getLogger("inventory")
 

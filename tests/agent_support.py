@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ca_harness import CaHarness
-from certgen import CertAndKey, make_leaf, make_root
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from ca_harness import CaHarness
+from certgen import CertAndKey, make_leaf, make_root
 from dmc.cli import main as dmc_main
 from dmc.svid import Svid, parse_svid
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+
 from dmc.connect import load_credential
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2_grpc
 from dmc_ca.ca import CertificateAuthority

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from etcd3aio import Etcd3Client
+
 from ca_harness import CaHarness
 from dmc_ca.etcd_process import EtcdProcess
 from dmc_ca.store import Store
-from etcd3aio import Etcd3Client
 
 TRUST_DOMAIN = "example.org"
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import cast
 
 import grpc
-from ca_harness import CaHarness
 from cryptography import x509
+
+from ca_harness import CaHarness
 from dmc.credentials import server_credentials
 from dmc.source import IdentitySource, RenewalPolicy
 

@@ -9,13 +9,14 @@ from typing import Any
 
 import grpc
 import pytest
-from agent_support import FakeIdentity, FakeSource
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from dmc.agent import AgentServer
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
+
+from agent_support import FakeIdentity, FakeSource
+from dmc.agent import AgentServer
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 QUIET_SECONDS = 0.3

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+
 from agent_support import AgentProcess, FakeSource, bootstrap_workload, can_connect
 from ca_harness import CaHarness
 from dmc.agent import AgentServer
 from dmc.errors import FailedPrecondition, InvalidArgument
-from envoy.service.discovery.v3 import discovery_pb2
-from envoy.service.secret.v3 import sds_pb2_grpc
 
 
 async def fetch_secrets(path: Path) -> list[str]:

@@ -14,10 +14,11 @@ from typing import Any
 
 import grpc
 import pytest
-from agent_support import AgentProcess, FakeSource, bootstrap_workload
-from ca_harness import CaHarness
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from agent_support import AgentProcess, FakeSource, bootstrap_workload
+from ca_harness import CaHarness
 from dmc.agent import AgentServer
 from dmc.agent._proto import workload_pb2, workload_pb2_grpc
 

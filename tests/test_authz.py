@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import dmc.authz
 import grpc
 import pytest
-from ca_harness import CaHarness, ImportedCa
-from certgen import CertAndKey, make_leaf, make_root
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import dmc.authz
+from ca_harness import CaHarness, ImportedCa
+from certgen import CertAndKey, make_leaf, make_root
 from dmc.authz import Authorizer, AuthorizingInterceptor, Peer, current_peer
 from dmc.errors import InvalidSvid, PermissionDenied, Unauthenticated
 from dmc.pem import certificates_to_pem, private_key_to_pem
@@ -36,7 +38,6 @@ from dmc.scope import DelegationScope
 from dmc.svid import Svid, parse_svid
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2
 from dmc_ca.etcd_process import EtcdProcess
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 CASES = Path(__file__).parent / "cases"
 SERVICE = "test.Echo"

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+
 from ca_harness import CaHarness
 from dmc.authz import AioAuthorizingInterceptor, RevocationChecker
 from test_authz import (

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import grpc
 import grpc.aio
 import pytest
+
 from ca_harness import CaHarness
 from conftest import TcpProxy
 from dmc.authz import AuthorizingInterceptor

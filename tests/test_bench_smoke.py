@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+
 from dmc.pem import load_certificates_file, load_private_key_file
 from dmc.svid import parse_svid
 

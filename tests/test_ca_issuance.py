@@ -24,18 +24,19 @@ from typing import Any
 
 import grpc
 import pytest
-from ca_harness import CaHarness, ImportedCa
-from certgen import make_intermediate, make_root, new_key
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+from etcd3aio import Etcd3Client, prefix_range_end
+
+from ca_harness import CaHarness, ImportedCa
+from certgen import make_intermediate, make_root, new_key
 from dmc.pem import certificates_to_pem, private_key_to_pem
 from dmc.scope import DelegationScope, decode_scope
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
 from dmc_ca.etcd_process import EtcdProcess
-from etcd3aio import Etcd3Client, prefix_range_end
 
 CASES = Path(__file__).parent / "cases"
 # The project's venv interpreter: the cases' gen.py scripts need its cryptography.

@@ -23,16 +23,17 @@ from typing import Any
 
 import grpc
 import pytest
-from ca_harness import CaHarness
-from certgen import make_leaf, make_root
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
-from dmc_ca.etcd_process import EtcdProcess
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
+
+from ca_harness import CaHarness
+from certgen import make_leaf, make_root
+from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
+from dmc_ca.etcd_process import EtcdProcess
 
 TRUST_DOMAIN = "example.org"
 CALL_TIMEOUT_SECONDS = 10.0

@@ -18,11 +18,12 @@ from typing import Any
 
 import grpc
 import pytest
-from ca_harness import CaHarness, ImportedCa
-from certgen import CertAndKey, make_leaf, make_root
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca_harness import CaHarness, ImportedCa
+from certgen import CertAndKey, make_leaf, make_root
 from dmc.scope import SCOPE_OID
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
 from dmc_ca.etcd_process import EtcdProcess

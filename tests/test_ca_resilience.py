@@ -23,11 +23,12 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from ca_harness import CaHarness, ImportedCa
-from certgen import make_leaf, make_root, new_key
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from ca_harness import CaHarness, ImportedCa
+from certgen import make_leaf, make_root, new_key
 from dmc.pem import certificates_to_pem, private_key_to_pem
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
 from dmc_ca.etcd_process import EtcdProcess

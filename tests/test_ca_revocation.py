@@ -20,16 +20,17 @@ from typing import Any
 
 import grpc
 import pytest
-from ca_harness import CaHarness
-from certgen import new_key
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from etcd3aio import Etcd3Client
+
+from ca_harness import CaHarness
+from certgen import new_key
 from dmc.pem import certificates_to_pem, private_key_to_pem
 from dmc.revocation import Revocation, RevocationKind, revocation_from_proto
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
-from etcd3aio import Etcd3Client
 
 TIMEOUT = 15
 DMC_ADMIN = Path(sys.executable).with_name("dmc-admin")

@@ -14,12 +14,13 @@ from typing import Any
 
 import grpc
 import pytest
-from ca_harness import CaHarness
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
 from etcd3aio import Etcd3Client, prefix_range_end
+
+from ca_harness import CaHarness
+from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
 
 TIMEOUT = 15
 CLIENTS = 50

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from ca_harness import CaHarness
 from dmc.channel import SecureChannel, ServerNameMismatch, secure_channel
 from dmc.source import IdentitySource

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+
 from ca_harness import CaHarness
 from dmc.aio import AioSecureChannel, ServerNameMismatch, secure_channel
 from dmc.credentials import server_credentials

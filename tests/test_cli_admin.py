@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ca_harness import CaHarness
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca_harness import CaHarness
 from dmc.v1 import ca_pb2, ca_pb2_grpc
 
 DMC_ADMIN = Path(sys.executable).with_name("dmc-admin")

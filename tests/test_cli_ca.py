@@ -27,10 +27,11 @@ from typing import Any
 
 import grpc
 import pytest
-from certgen import make_intermediate, make_root, new_key
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from certgen import make_intermediate, make_root, new_key
 from dmc.v1 import admin_pb2, admin_pb2_grpc
 from dmc_ca.etcd_process import EtcdProcess
 from dmc_ca.keys import KeyType

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from certgen import make_leaf, make_root
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from certgen import make_leaf, make_root
 from dmc.connect import ca_channel, load_credential_dir
 from dmc.pem import load_certificates_file, load_private_key_file
 from dmc.svid import verify_chain

@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from certgen import CertAndKey, make_leaf, make_root
 from cryptography.hazmat.primitives import serialization
+
+from certgen import CertAndKey, make_leaf, make_root
 from dmc import _cli
 from dmc._cli import (
     CommandError,

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
 from dmc.errors import InvalidArgument, InvalidCsr, PermissionDenied
 from dmc.spiffe_id import SpiffeId
 from dmc_ca.csr import check_csr

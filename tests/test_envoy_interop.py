@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from agent_support import BIN, AgentProcess, bootstrap_workload
 from ca_harness import CaHarness
 

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from dmc.errors import FailedPrecondition
 from dmc_ca import etcd_process
 from dmc_ca.etcd_process import EtcdProcess, find_etcd_binary

@@ -15,17 +15,18 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ca_harness import CaHarness, ImportedCa
-from certgen import CertAndKey, make_intermediate, make_root, new_key
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from etcd3aio import Etcd3Client, prefix_range_end
+
+from ca_harness import CaHarness, ImportedCa
+from certgen import CertAndKey, make_intermediate, make_root, new_key
 from dmc._issuance import csr_for, read_svid_response
 from dmc.pem import certificates_to_pem, private_key_to_pem
 from dmc.spiffe_id import SpiffeId
 from dmc.v1 import ca_pb2, ca_pb2_grpc
 from dmc_ca.etcd_process import EtcdProcess
 from dmc_ca.service import bundle_to_proto
-from etcd3aio import Etcd3Client, prefix_range_end
 
 CASES = Path(__file__).parent / "cases"
 BIN = Path(sys.executable).parent

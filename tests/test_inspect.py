@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from certgen import CertAndKey, make_intermediate, make_leaf, make_root
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from certgen import CertAndKey, make_intermediate, make_leaf, make_root
 from dmc.scope import DelegationScope
 
 DMC = Path(sys.executable).with_name("dmc")

@@ -8,6 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
 from dmc.errors import InvalidArgument, InvalidCsr
 from dmc_ca.keys import (
     ALLOWED_KEYS,

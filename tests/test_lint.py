@@ -19,13 +19,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
+from pkilint import loader, validation
+from pkilint.bin import lint_pkix_signer_signee_cert_chain as chain_linter
+from pkilint.pkix import certificate, extension, name
+
 from dmc.scope import DelegationScope
 from dmc.spiffe_id import SpiffeId
 from dmc_ca.keys import AllowedPrivateKey, KeyType, generate_private_key
 from dmc_ca.profile import SigningAuthority, check_imported_authority, create_authority, issue_svid
-from pkilint import loader, validation
-from pkilint.bin import lint_pkix_signer_signee_cert_chain as chain_linter
-from pkilint.pkix import certificate, extension, name
 
 WORKLOAD = SpiffeId.parse("spiffe://example.org/workload/api")
 YEAR = timedelta(days=365)

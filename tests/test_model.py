@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+
 from dmc.errors import InvalidArgument, InvalidSpiffeId
 from dmc.spiffe_id import SpiffeId
 from dmc_ca.model import (

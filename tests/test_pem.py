@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from certgen import make_root, new_key
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from certgen import make_root, new_key
 from dmc.errors import InvalidArgument, InvalidPem
 from dmc.pem import (
     certificates_to_pem,

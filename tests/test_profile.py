@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+
 from dmc.errors import FailedPrecondition, InvalidArgument, InvalidSpiffeId, PermissionDenied
 from dmc.scope import EMPTY_SCOPE, SCOPE_OID, DelegationScope, decode_scope
 from dmc.spiffe_id import SpiffeId

@@ -6,6 +6,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from certgen import make_leaf, make_root
 from dmc.errors import InvalidArgument, InvalidSpiffeId, PermissionDenied
 from dmc.revocation import (

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ca_harness import CaHarness
-from certgen import make_root
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ca_harness import CaHarness
+from certgen import make_root
 from dmc._issuance import Issued, csr_for, new_key, read_svid_response
 from dmc.errors import FailedPrecondition, NotFound, Unauthenticated
 from dmc.pem import certificates_to_pem, private_key_to_pem
@@ -37,7 +39,6 @@ from dmc_ca.runtime import initialise
 from dmc_ca.sealing import generate_kek_file, load_kek
 from dmc_ca.service import bundle_to_proto
 from dmc_ca.store import Store
-from google.protobuf.timestamp_pb2 import Timestamp
 
 TIMEOUT = 15
 DMC_ADMIN = Path(sys.executable).with_name("dmc-admin")

@@ -21,8 +21,9 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from ca_harness import CaHarness
 from cryptography import x509
+
+from ca_harness import CaHarness
 from dmc.aio import secure_channel as aio_secure_channel
 from dmc.authz import AioAuthorizingInterceptor, AuthorizingInterceptor
 from dmc.channel import secure_channel

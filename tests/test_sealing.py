@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from dmc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from dmc_ca.sealing import KEK_SIZE, generate_kek_file, load_kek, seal, unseal
 

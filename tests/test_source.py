@@ -14,10 +14,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+
 from ca_harness import CaHarness
 from certgen import make_leaf, make_root
 from conftest import TcpProxy
-from cryptography import x509
 from dmc.connect import load_credential_dir
 from dmc.errors import InvalidPem, Unauthenticated
 from dmc.pem import certificates_to_pem, load_certificates_file, private_key_to_pem

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ca_harness import CaHarness
-from certgen import make_root, new_key
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from ca_harness import CaHarness
+from certgen import make_root, new_key
 from dmc.errors import InvalidArgument
 from dmc.spiffe_bundle import SpiffeBundle, parse_spiffe_bundle, write_spiffe_bundle
 from dmc.v1 import admin_pb2, admin_pb2_grpc

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from dmc.errors import InvalidArgument, InvalidSpiffeId
 from dmc.spiffe_id import SpiffeId, validate_trust_domain
 

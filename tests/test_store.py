@@ -9,6 +9,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from etcd3aio import Etcd3Client
+
 from conftest import TRUST_DOMAIN, TcpProxy
 from dmc.errors import (
     AlreadyExists,
@@ -22,7 +24,6 @@ from dmc.spiffe_id import SpiffeId
 from dmc_ca.etcd_process import EtcdProcess
 from dmc_ca.model import AuthorityRecord, AuthorityState, Entry, JoinToken
 from dmc_ca.store import Store, StoreView, hash_token
-from etcd3aio import Etcd3Client
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

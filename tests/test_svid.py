@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from certgen import CertAndKey, make_intermediate, make_leaf, make_root
 from cryptography import x509
+
+from certgen import CertAndKey, make_intermediate, make_leaf, make_root
 from dmc.errors import InvalidSvid, Unauthenticated
 from dmc.scope import EMPTY_SCOPE, SCOPE_OID, DelegationScope
 from dmc.spiffe_id import SpiffeId

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 import grpc
+
 from dmc.errors import DmcError, InvalidArgument, status_code_of
 
 __all__ = [

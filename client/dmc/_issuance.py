@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
 from dmc.errors import DmcError, InvalidArgument
 from dmc.spiffe_id import SpiffeId
 from dmc.svid import Svid, verify_chain

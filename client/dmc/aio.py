@@ -23,6 +23,7 @@ from typing import Any, Self
 
 import grpc
 import grpc.aio
+
 from dmc.channel import (
     channel_options,
     expected_name,

@@ -39,6 +39,7 @@ from typing import Any, Protocol, Self, TypeAlias, cast
 import grpc
 import grpc.aio
 from cryptography import x509
+
 from dmc.errors import DmcError, InvalidSvid, PermissionDenied, Unauthenticated, status_code_of
 from dmc.scope import DelegationScope, permits_audience, permits_method
 from dmc.spiffe_id import SpiffeId

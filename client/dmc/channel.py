@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import grpc
+
 from dmc.source import Identity, IdentitySource
 
 __all__ = ["SecureChannel", "ServerNameMismatch", "secure_channel"]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
+
 from dmc._cli import (
     CommandParser,
     add_command,

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
 from dmc.errors import InvalidArgument, InvalidPem
 from dmc.pem import (
     certificates_to_pem,

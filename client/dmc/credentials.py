@@ -14,6 +14,7 @@ import logging
 import threading
 
 import grpc
+
 from dmc.source import Identity, IdentitySource
 
 __all__ = ["server_credentials"]

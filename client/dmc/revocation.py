@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Self
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from dmc.errors import InvalidArgument, PermissionDenied
 from dmc.spiffe_id import SpiffeId
 from dmc.svid import Svid
 from dmc.v1 import ca_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 __all__ = [
     "Revocation",

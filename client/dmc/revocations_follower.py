@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Self
 
 import grpc
+
 from dmc.errors import DmcError, Unavailable
 from dmc.revocation import RevocationSet
 from dmc.svid import Svid

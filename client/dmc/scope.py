@@ -17,12 +17,19 @@ patterns are ``*``, ``spiffe://td/path/*`` or one exact SPIFFE ID.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.error import PyAsn1Error
+from pyasn1.type import char, constraint, namedtype, namedval, univ, useful
+from pyasn1.type.error import ValueConstraintError
+
 from dmc.errors import (
     InvalidArgument,
     InvalidScope,
@@ -32,11 +39,6 @@ from dmc.errors import (
     shown,
 )
 from dmc.spiffe_id import SpiffeId
-from pyasn1.codec.der import decoder as der_decoder
-from pyasn1.codec.der import encoder as der_encoder
-from pyasn1.error import PyAsn1Error
-from pyasn1.type import char, constraint, namedtype, namedval, univ, useful
-from pyasn1.type.error import ValueConstraintError
 
 __all__ = [
     "ANY",
@@ -124,6 +126,9 @@ class _DelegationScopeAsn1(univ.Sequence):  # type: ignore[misc]
     )
 
 
+# Every renewal of a workload encodes the same scope again, and pyasn1's encoder was a
+# third of the time of an issuance (bench/issuance.py); scopes are frozen and hashable.
+@functools.lru_cache(maxsize=4096)
 def encode_scope(scope: DelegationScope) -> bytes:
     """The DER encoding of ``scope`` (the extension's value)."""
     value = _DelegationScopeAsn1()

@@ -41,6 +41,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
 from dmc._issuance import csr_for, new_key, new_key_like, read_svid_response
 from dmc.connect import (
     BUNDLE_FILE,

@@ -23,6 +23,7 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+
 from dmc.errors import InvalidScope, InvalidSpiffeId, InvalidSvid, Unauthenticated
 from dmc.scope import EMPTY_SCOPE, SCOPE_OID, DelegationScope, decode_scope
 from dmc.spiffe_id import SpiffeId

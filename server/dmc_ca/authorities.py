@@ -17,9 +17,9 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from dmc.errors import FailedPrecondition, InvalidArgument, NotFound
 from dmc.pem import certificates_to_pem, load_certificates, load_private_key
-
 from dmc_ca.keys import KeyType
 from dmc_ca.model import AuthorityRecord, AuthorityState
 from dmc_ca.profile import SigningAuthority, check_imported_authority, create_authority

@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv6Address
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
 from dmc.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -35,7 +36,6 @@ from dmc.scope import (
 )
 from dmc.spiffe_id import SpiffeId
 from dmc.svid import Svid, parse_svid
-
 from dmc_ca.authorities import (
     BundleAuthority,
     TrustBundle,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+
 from dmc.errors import InvalidCsr, InvalidSpiffeId, PermissionDenied, shown
 from dmc.spiffe_id import SpiffeId
-
 from dmc_ca.keys import AllowedPublicKey, check_public_key
 
 __all__ = ["check_csr"]

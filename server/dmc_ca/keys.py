@@ -12,6 +12,7 @@ import enum
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
 from dmc.errors import InvalidArgument, InvalidCsr
 
 __all__ = [

@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from dmc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from dmc.scope import DelegationScope, scope_extension
 from dmc.spiffe_id import SpiffeId
-
 from dmc_ca.keys import (
     AllowedPrivateKey,
     KeyType,

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from dmc.v1 import ca_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from dmc.v1 import ca_pb2
 
 __all__ = [
     "Progress",

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+
 from dmc.errors import FailedPrecondition
 from dmc.files import write_atomic
 from dmc.pem import certificates_to_pem
-
 from dmc_ca.authorities import new_authority
 from dmc_ca.ca import CertificateAuthority, admin_entry
 from dmc_ca.etcd_process import EtcdProcess

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from dmc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from dmc.files import write_atomic
 

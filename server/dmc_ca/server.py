@@ -22,13 +22,13 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import grpc.aio
 from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from dmc.pem import certificates_to_pem
 from dmc.scope import EMPTY_SCOPE
 from dmc.spiffe_id import SpiffeId
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from dmc_ca.ca import CA_PATH, CertificateAuthority
 from dmc_ca.keys import KeyType, generate_private_key
 from dmc_ca.service import AdminService, CertificateAuthorityService, RequestDecoder

@@ -19,6 +19,8 @@ import grpc
 import grpc.aio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from dmc.errors import (
     DmcError,
     InvalidArgument,
@@ -30,8 +32,6 @@ from dmc.errors import (
 from dmc.revocation import RevocationSet, revocation_to_proto
 from dmc.svid import Svid
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from dmc_ca.authorities import BundleAuthority, TrustBundle
 from dmc_ca.ca import CertificateAuthority, IssuedSvid
 from dmc_ca.keys import KeyType

@@ -37,6 +37,14 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+
+# etcd3aio builds compares on value, version and create revision only; a compare on the
+# mod revision (the compare-and-swap of spend_token) needs the message itself, and the
+# watch (see Store.__init__) needs the raw stub.
+from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub
+from etcd3aio.kv import KVService
+
 from dmc.errors import (
     AlreadyExists,
     DmcError,
@@ -48,14 +56,6 @@ from dmc.errors import (
 )
 from dmc.revocation import Revocation, RevocationKind, RevocationSet
 from dmc.spiffe_id import SpiffeId, validate_trust_domain
-from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
-
-# etcd3aio builds compares on value, version and create revision only; a compare on the
-# mod revision (the compare-and-swap of spend_token) needs the message itself, and the
-# watch (see Store.__init__) needs the raw stub.
-from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub
-from etcd3aio.kv import KVService
-
 from dmc_ca.model import AuthorityRecord, AuthorityState, Entry, JoinToken, validate_authority_id
 
 __all__ = ["Store", "StoreView", "ViewSubscription", "hash_token"]

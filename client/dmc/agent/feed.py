@@ -16,6 +16,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
 from dmc.svid import Svid
 
 __all__ = ["IdentityFeed", "IdentitySnapshot", "IdentitySourceLike"]

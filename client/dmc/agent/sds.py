@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from dmc.agent.feed import IdentityFeed, IdentitySnapshot
-from dmc.pem import certificates_to_pem, private_key_to_pem
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
+
+from dmc.agent.feed import IdentityFeed, IdentitySnapshot
+from dmc.pem import certificates_to_pem, private_key_to_pem
 
 __all__ = [
     "SECRET_TYPE_URL",

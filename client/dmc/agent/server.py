@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_reflection.v1alpha import reflection
+
 from dmc.agent import sds, workload_api
 from dmc.agent.feed import IdentityFeed, IdentitySourceLike
 from dmc.agent.socket import SocketClaim, claim_socket
 from dmc.connect import split_host_port
 from dmc.source import IdentitySource
-from grpc_reflection.v1alpha import reflection
 
 __all__ = ["AgentConfig", "AgentServer", "run_agent"]
 

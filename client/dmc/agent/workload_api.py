@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from dmc.agent._proto import workload_pb2, workload_pb2_grpc
 from dmc.agent.feed import IdentityFeed, IdentitySnapshot
 from dmc.spiffe_id import SpiffeId

@@ -29,7 +29,6 @@ from dmc.revocation import normalize_serial
 from dmc.scope import MAX_DEPTH, validate_audience, validate_permission
 from dmc.spiffe_id import SpiffeId
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2
-
 from dmc_ca.cli.bundle import add_bundle_commands, bundle_data
 
 __all__ = ["build_parser", "main"]

@@ -18,6 +18,7 @@ from typing import Literal, TextIO, TypeVar
 
 import grpc
 from cryptography import x509
+
 from dmc._cli import CommandParser, add_command, add_option, add_switch, calls_to, emit, rfc3339
 from dmc._cli import parse_duration as _parse_duration
 from dmc._issuance import csr_for, new_key_like, read_svid_response
@@ -33,7 +34,6 @@ from dmc.pem import (
 from dmc.spiffe_bundle import SpiffeBundle, write_spiffe_bundle
 from dmc.svid import parse_svid, verify_chain
 from dmc.v1 import admin_pb2, admin_pb2_grpc, ca_pb2, ca_pb2_grpc
-
 from dmc_ca.keys import KeyType
 from dmc_ca.rotation import Progress, Step, rotate
 

@@ -28,7 +28,6 @@ from dmc._cli import (
 from dmc.errors import InvalidArgument
 from dmc.pem import load_certificates, load_private_key
 from dmc.spiffe_id import validate_trust_domain
-
 from dmc_ca.ca import CertificateAuthority
 from dmc_ca.keys import KeyType
 from dmc_ca.profile import check_imported_authority
