@@ -191,3 +191,12 @@ def test_token_is_stored_only_as_its_sha256_under_a_lease(ca: CaHarness) -> None
     # Spending it deletes it.
     bootstrap(ca, token, spiffe_id)
     assert key not in etcd_keys(ca)
+
+
+def test_tokens_never_start_like_a_command_line_flag(ca: CaHarness) -> None:
+    spiffe_id = ca.create_entry("/flaglike")
+
+    tokens = [ca.join_token(spiffe_id) for _ in range(40)]
+
+    assert all(token.startswith("dmcjt_") for token in tokens)
+    assert len(set(tokens)) == len(tokens)

@@ -73,6 +73,7 @@ ADMIN_PERMISSIONS = ("/dmc.v1.Admin/*",)
 CA_PATH = "/dmc/ca"
 
 _PARSED_CACHE_LIMIT = 4096
+_TOKEN_PREFIX = "dmcjt_"  # noqa: S105 - a public prefix, not a secret
 # SPEC §5: a revocation's lease outlives the last certificate it could affect, plus this
 # much for clock skew between replicas and etcd's lease granularity.
 REVOCATION_MARGIN_SECONDS = 300
@@ -508,7 +509,9 @@ class CertificateAuthority:
         if self._entry(entry_id) is None:
             raise NotFound(f"no entry for {entry_id}; create the entry first")
 
-        token = secrets.token_urlsafe(32)
+        # A fixed prefix makes a leaked token recognisable to secret scanners, and keeps a
+        # token from starting with '-', which a command line would read as a flag.
+        token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
         expires_at = self._clock().replace(microsecond=0) + timedelta(seconds=ttl_seconds)
         record = JoinToken(spiffe_id=entry_id, expires_at=expires_at)
         await self._store.create_token(hash_token(token), record, ttl_seconds)
