@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -653,12 +654,41 @@ def test_interceptor_from_source_takes_the_sources_own_id() -> None:
     @dataclass(frozen=True)
     class Snapshot:
         svid: Svid
+        chain: tuple[x509.Certificate, ...]
+        bundle: tuple[x509.Certificate, ...]
 
     class Source:
-        def current(self) -> Snapshot:
-            return Snapshot(svid)
+        def __init__(self) -> None:
+            self.subscribers: list[Any] = []
 
-    interceptor = AuthorizingInterceptor.from_source(Source())
+        def current(self) -> Snapshot:
+            return Snapshot(svid, (svid.certificate,), ())
+
+        def subscribe(self, callback: Any) -> Any:
+            self.subscribers.append(callback)
+            return lambda: None
+
+    source = Source()
+    interceptor = AuthorizingInterceptor.from_source(source)
 
     assert str(interceptor.own_id) == "spiffe://example.org/callee"
     assert interceptor.authorizer.trust_domain == "example.org"
+    assert len(source.subscribers) == 1
+
+
+def test_peer_not_issued_by_a_current_signer_is_refused() -> None:
+    # A forced retirement takes the old root out of the bundle; connections opened before
+    # it must stop being accepted too.
+    old_root = make_root("example.org")
+    new_root = make_root("example.org")
+    scope = DelegationScope(permissions=("*",), audiences=("*",))
+    leaf = make_leaf(old_root, uris=("spiffe://example.org/caller",), scope=scope)
+    authorizer = Authorizer("spiffe://example.org/callee")
+    pem = leaf.certificate.public_bytes(serialization.Encoding.PEM)
+
+    authorizer.trust_signers([old_root.certificate, new_root.certificate])
+    assert authorizer.authorize(pem, "/demo.Echo/Say").spiffe_id.path == "/caller"
+
+    authorizer.trust_signers([new_root.certificate])
+    with pytest.raises(Unauthenticated, match="not issued by an authority of the current"):
+        authorizer.authorize(pem, "/demo.Echo/Say")

@@ -31,6 +31,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,6 +40,7 @@ from typing import Any, Protocol, Self, TypeAlias, cast
 import grpc
 import grpc.aio
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from dmc.errors import DmcError, InvalidSvid, PermissionDenied, Unauthenticated, status_code_of
 from dmc.scope import DelegationScope, permits_audience, permits_method
@@ -122,12 +124,23 @@ class IdentitySnapshot(Protocol):
     def svid(self) -> Svid:
         """The current SVID of the server."""
 
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """The server's own chain, leaf first (its intermediates sign peers too)."""
+
+    @property
+    def bundle(self) -> tuple[x509.Certificate, ...]:
+        """The trust bundle's roots."""
+
 
 class SvidSource(Protocol):
-    """An identity source as far as the interceptors need it: ``current().svid``."""
+    """An identity source as far as the interceptors need it (`dmc.IdentitySource` is one)."""
 
     def current(self) -> IdentitySnapshot:
         """The current snapshot of the identity."""
+
+    def subscribe(self, callback: Callable[[Any], None]) -> Callable[[], None]:
+        """Call ``callback(snapshot)`` after every change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +176,21 @@ class Authorizer:
         self.revocations = revocations
         self.exempt_methods = frozenset(exempt_methods)
         self._parsed = functools.lru_cache(maxsize=cache_size)(self._parse)
+        self._cache_size = cache_size
+        # None: only the TLS handshake vouches for the signer (see trust_signers).
+        self._signers: tuple[x509.Certificate, ...] | None = None
+        self._signed: dict[bytes, bool] = {}
+
+    def trust_signers(self, signers: Sequence[x509.Certificate]) -> None:
+        """Accept only peers whose certificate one of ``signers`` issued directly.
+
+        ``signers`` are the trust bundle's roots and the server's own intermediates, given
+        again on every bundle change. The handshake checks a connection's chain once, when
+        it opens; this check lets a forced retirement (SPEC §5: everything the retired
+        authority signed stops verifying) reach connections opened before it.
+        """
+        self._signers = tuple(signers)
+        self._signed = {}
 
     def authorize(self, leaf_pem: bytes | None, method: str) -> Peer:
         """The verified peer behind ``leaf_pem`` if it may call ``method``; raises otherwise.
@@ -186,6 +214,8 @@ class Authorizer:
             error_type, message = parsed.refusal
             raise error_type(message)
         peer = parsed.peer
+        if self._signers is not None:
+            self._check_signer(leaf_pem, peer)
         # The handshake checked validity when the connection opened; a connection may
         # outlive the certificate.
         if time.time() > parsed.expires:
@@ -204,6 +234,20 @@ class Authorizer:
         if method_denial is not None:
             raise PermissionDenied(method_denial)
         return peer
+
+    def _check_signer(self, leaf_pem: bytes, peer: Peer) -> None:
+        signed = self._signed
+        issued = signed.get(leaf_pem)
+        if issued is None:
+            issued = any(_issued_by(peer.svid.certificate, s) for s in self._signers or ())
+            if len(signed) >= self._cache_size:
+                signed.clear()
+            signed[leaf_pem] = issued
+        if not issued:
+            raise Unauthenticated(
+                f"certificate of {peer.spiffe_id} was not issued by an authority of the "
+                "current trust bundle"
+            )
 
     def _parse(self, leaf_pem: bytes) -> _Parsed:
         try:
@@ -247,6 +291,14 @@ class Authorizer:
             f"{self.own_id} is not among the audiences of {peer.spiffe_id} "
             f"(its scope admits: {audiences})"
         )
+
+
+def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _method_denial(peer: Peer, method: str) -> str | None:
@@ -298,10 +350,22 @@ class _Interceptor:
     ) -> Self:
         """An interceptor for the server whose identity ``source`` keeps.
 
-        The own ID is the source's SVID's; renewals keep the ID, so it is read once.
+        The own ID is the source's SVID's; renewals keep the ID, so it is read once. The
+        signers it trusts follow the source's bundle (see `Authorizer.trust_signers`).
         """
-        own_id = source.current().svid.spiffe_id
-        return cls(own_id, revocations=revocations, exempt_methods=exempt_methods)
+        interceptor = cls(
+            source.current().svid.spiffe_id,
+            revocations=revocations,
+            exempt_methods=exempt_methods,
+        )
+        authorizer = interceptor.authorizer
+
+        def follow(snapshot: IdentitySnapshot) -> None:
+            authorizer.trust_signers((*snapshot.bundle, *snapshot.chain[1:]))
+
+        follow(source.current())
+        source.subscribe(follow)
+        return interceptor
 
     @property
     def own_id(self) -> SpiffeId:
