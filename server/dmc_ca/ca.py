@@ -30,12 +30,14 @@ from dmc.scope import (
     MAX_DEPTH,
     DelegationScope,
     derive_delegated_scope,
+    permission_covers,
     permits_method,
     validate_audience,
     validate_permission,
 )
 from dmc.spiffe_id import SpiffeId
 from dmc.svid import Svid, parse_svid
+from dmc.v1 import admin_pb2
 from dmc_ca.authorities import (
     BundleAuthority,
     TrustBundle,
@@ -110,6 +112,29 @@ def _check_ttl(ttl_seconds: int, what: str, maximum: int) -> None:
         raise InvalidArgument(f"{what} must be positive, got {ttl_seconds} s")
     if ttl_seconds > maximum:
         raise InvalidArgument(f"{what} of {ttl_seconds} s is longer than the maximum {maximum} s")
+
+
+# The Admin service's methods, read from its descriptor so that a new one is covered.
+_ADMIN_METHODS = tuple(
+    f"/{service.full_name}/{method.name}"
+    for service in (admin_pb2.DESCRIPTOR.services_by_name["Admin"],)
+    for method in service.methods
+)
+
+
+def _check_admin_grant(granter: DelegationScope, permissions: Sequence[str], what: str) -> None:
+    """Refuse to hand out Admin powers the caller does not hold itself.
+
+    An entry, and a join token for it, give away that entry's scope. Delegation only ever
+    narrows (SPEC §3); without this, a credential allowed only CreateJoinToken could mint a
+    token for the admin entry and come back with the whole Admin service.
+    """
+    for method in _ADMIN_METHODS:
+        granted = any(permission_covers(p, method) for p in permissions)
+        if granted and not permits_method(granter, method):
+            raise PermissionDenied(
+                f"{what} would grant {method}, which the caller's scope does not permit"
+            )
 
 
 class CertificateAuthority:
@@ -453,6 +478,7 @@ class CertificateAuthority:
 
     async def create_entry(
         self,
+        granter: DelegationScope,
         spiffe_id: str,
         permissions: Sequence[str],
         audiences: Sequence[str],
@@ -468,6 +494,7 @@ class CertificateAuthority:
             validate_audience(audience, self.trust_domain)
         if max_depth > MAX_DEPTH:
             raise InvalidArgument(f"max depth {max_depth} is above {MAX_DEPTH}")
+        _check_admin_grant(granter, permissions, f"an entry for {entry_id}")
         ttl = svid_ttl_seconds or DEFAULT_SVID_TTL_SECONDS
         _check_ttl(ttl, "SVID TTL", MAX_TTL_SECONDS)
 
@@ -502,12 +529,16 @@ class CertificateAuthority:
         await self._store.delete_entry(entry_id)
         _log.info("deleted entry %s", entry_id)
 
-    async def create_join_token(self, spiffe_id: str, ttl_seconds: int) -> tuple[str, JoinToken]:
+    async def create_join_token(
+        self, granter: DelegationScope, spiffe_id: str, ttl_seconds: int
+    ) -> tuple[str, JoinToken]:
         """A single-use token for one existing entry; only its hash is stored (SPEC §4)."""
         entry_id = self._own_id(spiffe_id)
         _check_ttl(ttl_seconds, "token TTL", MAX_TOKEN_TTL_SECONDS)
-        if self._entry(entry_id) is None:
+        entry = self._entry(entry_id)
+        if entry is None:
             raise NotFound(f"no entry for {entry_id}; create the entry first")
+        _check_admin_grant(granter, entry.permissions, f"a join token for {entry_id}")
 
         # A fixed prefix makes a leaked token recognisable to secret scanners, and keeps a
         # token from starting with '-', which a command line would read as a flag.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -54,6 +55,11 @@ def validate_dns_name(name: str) -> str:
     """Return ``name`` unchanged if it is an RFC 1123 host name; raise ``InvalidArgument``."""
     if not isinstance(name, str) or not name:
         raise InvalidArgument("DNS name is empty")
+    if _looks_like_an_address(name):
+        # A client dialling an IP address accepts a DNS SAN that spells it (gRPC's host-name
+        # check compares the text), so such a name would let an entry pass as any server
+        # at that address, the CA included.
+        raise InvalidArgument(f"DNS name {name!r} is an IP address, not a host name")
     if len(name) > _DNS_NAME_MAX:
         raise InvalidArgument(f"DNS name '{name[:40]}...' is longer than {_DNS_NAME_MAX} bytes")
     for label in name.split("."):
@@ -63,6 +69,15 @@ def validate_dns_name(name: str) -> str:
                 "(letters, digits and '-', 1 to 63 characters, no '-' at either end)"
             )
     return name
+
+
+def _looks_like_an_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        # RFC 3696 §2: a top-level label is never all digits, so "10.0.0.300" is no host.
+        return name.rsplit(".", 1)[-1].isdigit()
+    return True
 
 
 def validate_authority_id(authority_id: str) -> str:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dmc.errors import AlreadyExists, FailedPrecondition
 from dmc.pem import certificates_to_pem
 from dmc.scope import EMPTY_SCOPE
 from dmc.spiffe_id import SpiffeId
@@ -167,6 +168,12 @@ class CaServer:
 
     async def start(self) -> None:
         """Bind both listeners and start serving; ports chosen by the OS are then known."""
+        # SPEC §4: a DNS name belongs to one SPIFFE ID, which is how clients pin a server by
+        # name; the CA's own names are held for it, so no entry can pass as the CA.
+        try:
+            await self._store.claim_dns_names(self.spiffe_id, self._dns_names)
+        except AlreadyExists as error:
+            raise FailedPrecondition(f"the CA cannot serve under its DNS name: {error}") from None
         self._issue_serving_config(with_roots=True)
         health_servicer = health.aio.HealthServicer()
         mtls = grpc.aio.server(interceptors=[RequestDecoder()])

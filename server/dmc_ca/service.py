@@ -334,9 +334,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def CreateEntry(
         self, request: admin_pb2.CreateEntryRequest, context: _Context
     ) -> admin_pb2.Entry:
-        self._authorize(context, "CreateEntry")
+        caller = self._authorize(context, "CreateEntry")
         given = request.entry
         entry = await self._ca.create_entry(
+            caller.scope,
             given.spiffe_id,
             list(given.permissions),
             list(given.audiences),
@@ -374,8 +375,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def CreateJoinToken(
         self, request: admin_pb2.CreateJoinTokenRequest, context: _Context
     ) -> admin_pb2.CreateJoinTokenResponse:
-        self._authorize(context, "CreateJoinToken")
-        token, record = await self._ca.create_join_token(request.spiffe_id, request.ttl_seconds)
+        caller = self._authorize(context, "CreateJoinToken")
+        token, record = await self._ca.create_join_token(
+            caller.scope, request.spiffe_id, request.ttl_seconds
+        )
         return admin_pb2.CreateJoinTokenResponse(
             token=token,
             expires_at=_timestamp(record.expires_at),

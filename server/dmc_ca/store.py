@@ -419,6 +419,25 @@ class Store:
         _log.debug("entry %s created at revision %d", entry.spiffe_id, response.header.revision)
         return await self._settle(response.header.revision)
 
+    async def claim_dns_names(self, spiffe_id: SpiffeId, names: Sequence[str]) -> None:
+        """Hold ``names`` for ``spiffe_id`` (the CA's own serving names) in the DNS index.
+
+        A name this ID holds already is fine; one another ID holds raises ``AlreadyExists``.
+        The claim outlives this replica on purpose: replicas come and go under one name.
+        """
+        for name in names:
+            key = self._dns_key(name)
+            compares = [KVService.txn_compare_create_revision(key, 0)]
+            success = [KVService.txn_op_put(key, str(spiffe_id))]
+            failure = [KVService.txn_op_get(key)]
+            response = await self._txn("claim a DNS name", compares, success, failure)
+            if response.succeeded:
+                continue
+            kvs = response.responses[0].response_range.kvs
+            holder = kvs[0].value.decode("utf-8", "replace") if kvs else "?"
+            if holder != str(spiffe_id):
+                raise AlreadyExists(f"DNS name {name!r} is held by {holder}")
+
     async def delete_entry(self, spiffe_id: SpiffeId) -> int:
         """Delete the entry and its DNS names; ``NotFound`` if there is none."""
         key = self._entry_key(spiffe_id)
