@@ -534,7 +534,9 @@ def describe_rpc_error(code: grpc.StatusCode, details: str, target: str | None) 
     if any(word in details for word in _CLIENT_REFUSED_WORDS):
         return (
             f"the TLS handshake with the CA at {where} failed: its certificate does not "
-            f"verify against the bundle or does not name the host ({reason})"
+            f"verify against the bundle or does not name the host ({reason}); if the CA's "
+            "key was rotated while this bundle was offline, fetch the current bundle "
+            "(dmc-admin bundle show)"
         )
     return details
 

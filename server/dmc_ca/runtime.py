@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import signal
 from collections.abc import Callable, Iterator
@@ -133,6 +134,23 @@ async def initialise(
     return CertificateAuthority(store, kek, trust_domain)
 
 
+# Ctrl-C, a service manager's stop, and a closed terminal.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Hold ``data_dir`` for this process: two `dev` runs on one folder would share etcd's."""
+    with (data_dir / "dev.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FailedPrecondition(
+                f"another dmc-ca dev is running on {data_dir}; stop it or give --data-dir"
+            ) from None
+        yield
+
+
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[asyncio.Event]:
     """An event set by SIGINT or SIGTERM, with the handlers held for the whole block.
@@ -142,12 +160,12 @@ def _stop_on_signals() -> Iterator[asyncio.Event]:
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     try:
         yield stop
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
 
 
@@ -214,13 +232,12 @@ async def run_dev(
     """Run etcd under ``data_dir``, initialise on first run, write the admin credential, serve."""
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
-    kek_file = data_dir / "kek"
-    if not kek_file.exists():
-        generate_kek_file(kek_file)
-    kek = load_kek(kek_file)
-
-    etcd = EtcdProcess(data_dir / "etcd", log_path=data_dir / "etcd.log")
-    with _stop_on_signals() as stop:
+    with _data_dir_lock(data_dir), _stop_on_signals() as stop:
+        kek_file = data_dir / "kek"
+        if not kek_file.exists():
+            generate_kek_file(kek_file)
+        kek = load_kek(kek_file)
+        etcd = EtcdProcess(data_dir / "etcd", log_path=data_dir / "etcd.log")
         etcd.start()
         try:
             store = await Store.open([etcd.endpoint], etcd_prefix, trust_domain)

@@ -176,8 +176,11 @@ class CaServer:
             raise FailedPrecondition(f"the CA cannot serve under its DNS name: {error}") from None
         self._issue_serving_config(with_roots=True)
         health_servicer = health.aio.HealthServicer()
-        mtls = grpc.aio.server(interceptors=[RequestDecoder()])
-        boot = grpc.aio.server(interceptors=[RequestDecoder()])
+        # gRPC shares ports (SO_REUSEPORT) by default: a second CA on a taken port would
+        # start and take half the connections. Binding must fail instead.
+        options = (("grpc.so_reuseport", 0),)
+        mtls = grpc.aio.server(interceptors=[RequestDecoder()], options=options)
+        boot = grpc.aio.server(interceptors=[RequestDecoder()], options=options)
 
         ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
             CertificateAuthorityService(self._ca, self._store, bootstrap_listener=False), mtls
@@ -208,7 +211,12 @@ class CaServer:
                 credential.fetch,  # type: ignore[arg-type]  # None means "no change"
                 require_client_authentication=index == 0,
             )
-            port = server.add_secure_port(str(address), credentials)
+            try:
+                port = server.add_secure_port(str(address), credentials)
+            except RuntimeError:
+                raise FailedPrecondition(
+                    f"cannot listen on {address}: the address is in use or not local"
+                ) from None
             bound = ListenAddress(address.host, port)
             if index == 0:
                 self.address = bound

@@ -201,7 +201,7 @@ dmc-ca dev: trust domain {trust_domain} ({state}), etcd at {dev.etcd_endpoint}
                        {credential.key}
   trust bundle:        {credential.bundle}
 
-Next, in another shell:
+Next, in another shell, with dmc's commands on PATH (source .venv/bin/activate):
   export DMC_CA={server.address} DMC_CERT={credential.certificate} \\
          DMC_KEY={credential.key} DMC_BUNDLE={credential.bundle}
   dmc-admin status
