@@ -106,6 +106,12 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
+        if self._server is None:
+            # Cut while this connection was being opened: it must not outlive the cut (an
+            # unclosed transport found later by the garbage collector fails a test).
+            writer.transport.abort()
+            upstream_writer.transport.abort()
+            return
         pair = (writer, upstream_writer)
         self._open.add(pair)
         try:
