@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from dmc.errors import InvalidArgument, InvalidCsr, PermissionDenied
 from dmc.spiffe_id import SpiffeId
-from dmc_ca.csr import check_csr
+from dmc_ca.csr import MAX_CSR_BYTES, check_csr
 from dmc_ca.keys import ALLOWED_KEYS
 
 CASES = Path(__file__).parent / "cases"
@@ -419,3 +419,8 @@ def test_check_csr_refuses_an_invalid_id_as_malformed_not_as_another_identity() 
 
     with pytest.raises(InvalidCsr, match="empty segment"):
         check_csr(der, CASE_ID)
+
+
+def test_oversized_csr_is_refused_before_parsing() -> None:
+    with pytest.raises(InvalidCsr, match="at most 16384 are accepted"):
+        check_csr(b"\x30" + b"\x00" * (MAX_CSR_BYTES + 1), CASE_ID)

@@ -549,3 +549,9 @@ def test_derived_scope_survives_der() -> None:
     child = derive()
 
     assert decode_scope(encode_scope(child)) == child
+
+
+def test_overlong_permission_is_refused() -> None:
+    with pytest.raises(InvalidScope, match="longer than 512 characters"):
+        validate_permission("/pkg.Service/" + "M" * 600)
+    assert validate_permission("/pkg.Service/" + "M" * 400)

@@ -44,6 +44,7 @@ __all__ = [
     "ANY",
     "EMPTY_SCOPE",
     "MAX_DEPTH",
+    "MAX_PERMISSION_CHARS",
     "SCOPE_OID",
     "DelegationScope",
     "audience_covers",
@@ -64,6 +65,7 @@ SCOPE_OID = x509.ObjectIdentifier("1.3.6.1.4.1.32473.4.1")
 
 ANY = "*"
 MAX_DEPTH = 16
+MAX_PERMISSION_CHARS = 512
 _VERSION_V1 = 1
 _WILDCARD_SUFFIX = "/*"
 _GENERALIZED_TIME_FORMAT = "%Y%m%d%H%M%SZ"
@@ -198,6 +200,12 @@ def validate_permission(permission: str) -> str:
     """Return ``permission`` if it is ``*``, ``/pkg.Service/*`` or ``/pkg.Service/Method``."""
     if not isinstance(permission, str):
         raise TypeError(f"a permission is a str, not {type(permission).__name__}")
+    if len(permission) > MAX_PERMISSION_CHARS:
+        # Every pattern travels in every certificate of its holder; a gRPC method name this
+        # long is a mistake or an attack.
+        raise InvalidScope(
+            f"permission {shown(permission)} is longer than {MAX_PERMISSION_CHARS} characters"
+        )
     if permission == ANY or _PERMISSION.fullmatch(permission):
         return permission
     raise InvalidScope(

@@ -14,10 +14,11 @@ from dmc.errors import InvalidCsr, InvalidSpiffeId, PermissionDenied, shown
 from dmc.spiffe_id import SpiffeId
 from dmc_ca.keys import AllowedPublicKey, check_public_key
 
-__all__ = ["check_csr"]
+__all__ = ["MAX_CSR_BYTES", "check_csr"]
 
 # Values from a CSR are echoed in messages; a hostile one must not make them huge.
 _SHOWN_MAX = 200
+MAX_CSR_BYTES = 16 * 1024
 
 
 def check_csr(der: bytes, spiffe_id: SpiffeId) -> AllowedPublicKey:
@@ -45,6 +46,10 @@ def check_csr(der: bytes, spiffe_id: SpiffeId) -> AllowedPublicKey:
 def _parse(der: bytes) -> x509.CertificateSigningRequest:
     if not der:
         raise InvalidCsr("the CSR is empty; expected a DER-encoded PKCS #10 request")
+    if len(der) > MAX_CSR_BYTES:
+        # A P-384 or RSA-4096 CSR with a SPIFFE ID is well under 2 KiB; parsing megabytes
+        # of extensions the CA then ignores would only cost CPU on the Bootstrap path.
+        raise InvalidCsr(f"the CSR is {len(der)} bytes; at most {MAX_CSR_BYTES} are accepted")
     if der.lstrip().startswith(b"-----BEGIN"):
         raise InvalidCsr("the CSR is PEM; expected DER (the bytes between the PEM armour)")
     try:
