@@ -174,6 +174,7 @@ class SecureChannel(grpc.Channel):
         self._closed = False
         self._connectivity: list[tuple[Callable[[grpc.ChannelConnectivity], None], bool]] = []
         self._retired: set[_Inner] = set()
+        self._closers: list[threading.Thread] = []
         self._inner = self._build(source.current())
         self._unsubscribe = source.subscribe(self._on_identity)
 
@@ -228,7 +229,16 @@ class SecureChannel(grpc.Channel):
                 inner.closed = True
                 self._retired.discard(inner)
         if close:
-            inner.channel.close()
+            # The last call's done-callback runs on the channel's own gRPC thread, and
+            # closing a channel from that thread waits for the thread itself: a deadlock
+            # seen under load. The close runs on a short-lived thread of its own instead.
+            closer = threading.Thread(
+                target=inner.channel.close, name="dmc-channel-close", daemon=True
+            )
+            with self._lock:
+                self._closers = [t for t in self._closers if t.is_alive()]
+                self._closers.append(closer)
+            closer.start()
 
     def _translate(self, error: grpc.RpcError) -> grpc.RpcError:
         if is_name_mismatch(error.code(), error.details()):
@@ -308,6 +318,10 @@ class SecureChannel(grpc.Channel):
         for inner in inners:
             inner.closed = True
             inner.channel.close()
+        with self._lock:
+            closers, self._closers = self._closers, []
+        for closer in closers:
+            closer.join()
 
     def __enter__(self) -> Self:
         return self
