@@ -8,6 +8,7 @@ Errors become status codes in one place, :func:`_map_errors`, through
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -281,11 +282,14 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
         except DmcError as error:
             await context.abort(status_code_of(error), str(error))
         last = -1
-        async for _view in self._store.subscribe():
-            bundle = self._ca.bundle()
-            if bundle.sequence != last:
-                last = bundle.sequence
-                yield bundle_to_proto(bundle)
+        # Closed when the call ends (a client going away cancels this generator), so no
+        # subscription outlives its stream.
+        with contextlib.closing(self._store.subscribe()) as views:
+            async for _view in views:
+                bundle = self._ca.bundle()
+                if bundle.sequence != last:
+                    last = bundle.sequence
+                    yield bundle_to_proto(bundle)
 
     async def WatchRevocations(
         self, request: ca_pb2.WatchRevocationsRequest, context: _Context
@@ -296,25 +300,26 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
         except DmcError as error:
             await context.abort(status_code_of(error), str(error))
         sent: RevocationSet | None = None
-        async for view in self._store.subscribe():
-            current = view.revocations
-            if sent is None:
-                yield ca_pb2.RevocationEvent(
-                    revision=view.revision,
-                    snapshot=True,
-                    added=[revocation_to_proto(r) for r in current],
-                )
-            elif current is not sent:
-                # Views are whole snapshots and a slow reader may skip some, so changes are
-                # the difference between the last set sent and this one; a revocation
-                # replaced under its key comes as the old one removed, the new one added.
-                added = [revocation_to_proto(r) for r in current if r not in sent]
-                removed = [revocation_to_proto(r) for r in sent if r not in current]
-                if added or removed:
+        with contextlib.closing(self._store.subscribe()) as views:
+            async for view in views:
+                current = view.revocations
+                if sent is None:
                     yield ca_pb2.RevocationEvent(
-                        revision=view.revision, added=added, removed=removed
+                        revision=view.revision,
+                        snapshot=True,
+                        added=[revocation_to_proto(r) for r in current],
                     )
-            sent = current
+                elif current is not sent:
+                    # Views are whole snapshots and a slow reader may skip some, so changes are
+                    # the difference between the last set sent and this one; a revocation
+                    # replaced under its key comes as the old one removed, the new one added.
+                    added = [revocation_to_proto(r) for r in current if r not in sent]
+                    removed = [revocation_to_proto(r) for r in sent if r not in current]
+                    if added or removed:
+                        yield ca_pb2.RevocationEvent(
+                            revision=view.revision, added=added, removed=removed
+                        )
+                sent = current
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
