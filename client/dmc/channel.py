@@ -235,10 +235,10 @@ class SecureChannel(grpc.Channel):
             closer = threading.Thread(
                 target=inner.channel.close, name="dmc-channel-close", daemon=True
             )
+            closer.start()
             with self._lock:
                 self._closers = [t for t in self._closers if t.is_alive()]
                 self._closers.append(closer)
-            closer.start()
 
     def _translate(self, error: grpc.RpcError) -> grpc.RpcError:
         if is_name_mismatch(error.code(), error.details()):
