@@ -309,7 +309,8 @@ class IdentitySource:
         """Call ``callback(identity)`` after every change; return a function that unsubscribes.
 
         Callbacks run on the source's threads, one change at a time and in order; one that
-        raises is logged and does not stop the others. A callback must not call `close`.
+        raises is logged and does not stop the others. A callback may call `close`; it then
+        returns without waiting for the source's threads, which end right after.
         """
         token = object()
         with self._lock:
@@ -339,8 +340,11 @@ class IdentitySource:
         for channel in channels:
             channel.close()
         self._wake.set()
-        for thread in self._threads:
-            if thread is not threading.current_thread():
+        # From one of the source's own threads (a subscriber callback), waiting for the
+        # other could deadlock: that thread may be waiting for the publication this one is
+        # in. Both are told to stop and end by themselves once the callback returns.
+        if threading.current_thread() not in self._threads:
+            for thread in self._threads:
                 thread.join()
         self._subscribers.clear()
 

@@ -92,6 +92,13 @@ class SecretDiscoveryService:
         stream = _Stream(peer=context.peer())
         try:
             while (event := await events.get()) is not _END:
+                if isinstance(event, _Unreadable):
+                    # xDS: a request that is not a DiscoveryRequest ends the stream with an
+                    # error the client can see, not with OK as if it had hung up.
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the SDS request stream carried an unreadable request ({event.reason})",
+                    )
                 if event is _CHANGED:
                     response = stream.on_change(self._feed.current)
                 else:
@@ -133,6 +140,15 @@ def add_to_server(service: SecretDiscoveryService, server: grpc.aio.Server) -> N
 
 _END: Any = object()
 """Queued after the client's last request."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """Queued when the request stream failed: the client sent what cannot be read."""
+
+    reason: str
+
+
 _CHANGED: Any = object()
 """Queued after each change of the identity."""
 
@@ -281,7 +297,9 @@ async def _read_requests(requests: AsyncIterator[_Request], events: asyncio.Queu
         async for request in requests:
             events.put_nowait(request)
     except Exception as exc:
-        # The call is ending (the client went away); the stream loop ends on _END.
-        _log.debug("SDS request stream ended: %r", exc)
+        # A client that goes away cancels the call (CancelledError, not caught here); what
+        # arrives here is a request that could not be read.
+        _log.info("SDS request stream refused: %r", exc)
+        events.put_nowait(_Unreadable(type(exc).__name__))
     finally:
         events.put_nowait(_END)
