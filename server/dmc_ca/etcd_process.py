@@ -9,7 +9,6 @@ the tests restart etcd under a running store.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -42,17 +41,8 @@ _FAST_FLAGS = (
 _QUIET_FLAGS = ("--logger=zap", "--log-level=error")
 
 _POLL_SECONDS = 0.02
-_PR_SET_PDEATHSIG = 1
 # Attempts with fresh ports when a port picked as free was taken before etcd bound it.
 _PORT_ATTEMPTS = 3
-
-
-def _die_with_parent() -> None:
-    # Linux prctl(2) PR_SET_PDEATHSIG: etcd gets SIGTERM when the thread that started it
-    # dies, even by SIGKILL, so a crashed CA or an interrupted test run leaves no etcd
-    # behind holding its ports and data folder.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def find_etcd_binary() -> Path:
@@ -220,7 +210,6 @@ class EtcdProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
 
     def _wait_until_ready(self) -> None:
