@@ -112,6 +112,12 @@ class CaHarness:
             await self.server.stop(0.5)
         if self.store is not None:
             await self.store.close()
+        # Whatever else a test left on this loop (a relay, a stream) ends here, so that
+        # closing the loop destroys no pending task and leaves no transport to the GC.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     # -- addresses and credentials ------------------------------------------------------------
 

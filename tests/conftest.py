@@ -72,6 +72,9 @@ class TcpProxy:
         self._target_port = target_port
         self._server: asyncio.Server | None = None
         self._open: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        # Every relay from the moment its connection is accepted, so that a cut reaches the
+        # ones still opening their upstream side too.
+        self._relays: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self.port = 0
 
     @property
@@ -84,42 +87,45 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def cut(self) -> None:
-        """Stop listening and abort every relayed connection."""
+        """Stop listening and abort every relayed connection; return once all are gone."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for pair in list(self._open):
-            for writer in pair:
-                writer.transport.abort()
-        for _ in range(200):
-            if not self._open:
-                break
-            await asyncio.sleep(0.01)
+        relays = dict(self._relays)
+        for task, writer in relays.items():
+            writer.transport.abort()
+            task.cancel()
+        if relays:
+            await asyncio.gather(*relays, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._server is None:
+            # Accepted just before a cut, started just after it.
+            writer.transport.abort()
+            return
+        self._relays[task] = writer
+        upstream_writer: asyncio.StreamWriter | None = None
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(
                 "127.0.0.1", self._target_port
             )
-        except OSError:
-            writer.transport.abort()
-            return
-        if self._server is None:
-            # Cut while this connection was being opened: it must not outlive the cut (an
-            # unclosed transport found later by the garbage collector fails a test).
-            writer.transport.abort()
-            upstream_writer.transport.abort()
-            return
-        pair = (writer, upstream_writer)
-        self._open.add(pair)
-        try:
+            pair = (writer, upstream_writer)
+            self._open.add(pair)
             await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        except OSError:
+            pass
         finally:
-            for end in pair:
-                end.transport.abort()
-            self._open.discard(pair)
+            # Closed here, whatever ended the relay: a transport left to the garbage
+            # collector fails whichever test is running then.
+            writer.transport.abort()
+            if upstream_writer is not None:
+                upstream_writer.transport.abort()
+                self._open.discard((writer, upstream_writer))
+            self._relays.pop(task, None)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
