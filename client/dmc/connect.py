@@ -30,6 +30,7 @@ __all__ = [
     "Credential",
     "bootstrap_address",
     "ca_channel",
+    "check_bundle",
     "is_ca_certificate",
     "join_host_port",
     "load_bundle_file",
@@ -127,11 +128,15 @@ def bootstrap_address(ca_address: str) -> str:
 
 def load_bundle_file(path: str | os.PathLike[str]) -> list[x509.Certificate]:
     """The trust bundle at ``path`` (any formatting `dmc.pem` reads); authorities only."""
-    certificates = load_certificates_file(path)
+    return check_bundle(load_certificates_file(path), os.fspath(path))
+
+
+def check_bundle(certificates: list[x509.Certificate], source: str) -> list[x509.Certificate]:
+    """Return ``certificates`` if each is an authority; a trust bundle holds nothing else."""
     for number, certificate in enumerate(certificates, start=1):
         if not is_ca_certificate(certificate):
             raise InvalidPem(
-                f"{os.fspath(path)}: certificate {number} is not a CA certificate; "
+                f"{source}: certificate {number} is not a CA certificate; "
                 "a trust bundle holds authorities only"
             )
     return certificates

@@ -47,12 +47,12 @@ from dmc.connect import (
     BUNDLE_FILE,
     bootstrap_address,
     ca_channel,
-    is_ca_certificate,
+    check_bundle,
     load_bundle_file,
     load_credential_dir,
 )
-from dmc.errors import DmcError, InvalidArgument, InvalidPem, Unavailable, error_for_status
-from dmc.files import write_atomic
+from dmc.errors import DmcError, InvalidArgument, Unavailable, error_for_status
+from dmc.files import fsync_folder, write_atomic
 from dmc.pem import certificates_to_pem, load_certificates, private_key_to_pem
 from dmc.spiffe_id import SpiffeId
 from dmc.svid import Svid, verify_chain
@@ -656,7 +656,7 @@ def _replace_link(link: Path, target: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    _fsync_folder(link.parent)
+    fsync_folder(link.parent)
 
 
 def _remove_stale_folders(folder: Path, name: str) -> None:
@@ -692,28 +692,13 @@ def _read_pair(version: Path, name: str) -> tuple[bytes, bytes] | None:
     return (key, chain) if key is not None and chain is not None else None
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- helpers --------------------------------------------------------------------------------
 
 
 def _read_roots(bundle: bytes | str | os.PathLike[str]) -> list[x509.Certificate]:
     if not isinstance(bundle, bytes):
         return load_bundle_file(bundle)
-    roots = load_certificates(bundle, "the trust bundle")
-    for number, root in enumerate(roots, start=1):
-        if not is_ca_certificate(root):
-            raise InvalidPem(
-                f"the trust bundle: certificate {number} is not a CA certificate; "
-                "a trust bundle holds authorities only"
-            )
-    return roots
+    return check_bundle(load_certificates(bundle, "the trust bundle"), "the trust bundle")
 
 
 def _same(a: Sequence[x509.Certificate], b: Sequence[x509.Certificate]) -> bool:

@@ -243,7 +243,7 @@ class CertificateAuthority:
 
     # -- issuance -----------------------------------------------------------------------------
 
-    def _issue(
+    def issue(
         self,
         public_key: CertificatePublicKeyTypes,
         spiffe_id: SpiffeId,
@@ -252,6 +252,8 @@ class CertificateAuthority:
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[IPv4Address | IPv6Address] = (),
     ) -> IssuedSvid:
+        """Issue an SVID for ``public_key``; the RPCs call it once their checks have passed,
+        the CA itself for its serving SVID and the admin credential."""
         signing = self.signing_authority()
         now = self._issuance_time(spiffe_id, scope.delegators)
         if scope.not_after is not None and scope.not_after <= now:
@@ -297,18 +299,6 @@ class CertificateAuthority:
             return now
         return latest.replace(microsecond=0) + timedelta(seconds=1)
 
-    def issue_local(
-        self,
-        public_key: CertificatePublicKeyTypes,
-        spiffe_id: SpiffeId,
-        scope: DelegationScope,
-        ttl_seconds: int,
-        dns_names: Sequence[str] = (),
-        ip_addresses: Sequence[IPv4Address | IPv6Address] = (),
-    ) -> IssuedSvid:
-        """Issue without a CSR, for the CA's own serving SVID and the admin credential."""
-        return self._issue(public_key, spiffe_id, scope, ttl_seconds, dns_names, ip_addresses)
-
     @staticmethod
     def entry_scope(entry: Entry) -> DelegationScope:
         """The scope of a root SVID: its entry's current permissions, audiences and depth."""
@@ -335,7 +325,7 @@ class CertificateAuthority:
         # refused Bootstrap leaves the token unspent, and the transaction lets one of many
         # concurrent users win.
         await self._store.spend_token(hashed, mod_revision)
-        return self._issue(
+        return self.issue(
             public_key,
             entry.spiffe_id,
             self.entry_scope(entry),
@@ -360,8 +350,8 @@ class CertificateAuthority:
 
         if caller.scope.delegators:
             # A delegated SVID keeps its scope and its hard end (SPEC §3).
-            return self._issue(public_key, caller.spiffe_id, caller.scope, entry.svid_ttl_seconds)
-        return self._issue(
+            return self.issue(public_key, caller.spiffe_id, caller.scope, entry.svid_ttl_seconds)
+        return self.issue(
             public_key,
             caller.spiffe_id,
             self.entry_scope(entry),
@@ -396,7 +386,7 @@ class CertificateAuthority:
             self._clock(),
         )
         entry = self._origin_entry(caller)
-        return self._issue(public_key, child_id, scope, entry.svid_ttl_seconds)
+        return self.issue(public_key, child_id, scope, entry.svid_ttl_seconds)
 
     # -- authority life cycle (SPEC §4 PrepareAuthority, ActivateAuthority, RetireAuthority) --
 

@@ -85,7 +85,7 @@ def write_admin_credential(
     """Issue the admin SVID afresh and write it with the bundle, atomically (SPEC §6)."""
     entry = ca.get_entry(f"spiffe://{ca.trust_domain}/dmc/admin")
     key = generate_private_key(KeyType.EC_P256)
-    issued = ca.issue_local(key.public_key(), entry.spiffe_id, ca.entry_scope(entry), ttl_seconds)
+    issued = ca.issue(key.public_key(), entry.spiffe_id, ca.entry_scope(entry), ttl_seconds)
     paths = CredentialPaths(out_dir / "admin.pem", out_dir / "admin.key", out_dir / "bundle.pem")
     out_dir.mkdir(parents=True, exist_ok=True)
     key_pem = key.private_bytes(

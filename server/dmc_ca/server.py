@@ -131,7 +131,7 @@ class CaServer:
 
     def _issue_serving_config(self, with_roots: bool) -> grpc.ServerCertificateConfiguration:
         key = generate_private_key(KeyType.EC_P256)
-        issued = self._ca.issue_local(
+        issued = self._ca.issue(
             key.public_key(),
             self.spiffe_id,
             EMPTY_SCOPE,
