@@ -21,7 +21,7 @@ from ca_harness import CaHarness
 from certgen import make_leaf, make_root
 from conftest import TcpProxy
 from dmc.connect import load_credential_dir
-from dmc.errors import InvalidPem, Unauthenticated
+from dmc.errors import InvalidPem, InvalidSvid, Unauthenticated
 from dmc.pem import certificates_to_pem, load_certificates_file, private_key_to_pem
 from dmc.source import (
     Identity,
@@ -292,3 +292,36 @@ def _identity(root: object) -> Identity:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+CASE_005 = Path(__file__).parent / "cases" / "005-svid-with-several-uri-sans"
+
+
+@pytest.mark.parametrize(
+    ("leaf", "words"),
+    [("svid-two-spiffe-ids", "2 URI SANs"), ("svid-https-uri-then-spiffe-id", "2 URI SANs")],
+)
+def test_loaders_refuse_a_leaf_with_several_uri_sans(
+    tmp_path: Path, leaf: str, words: str
+) -> None:
+    # Case 005 at the library's loaders: no SPIFFE ID is taken from such a leaf.
+    folder = tmp_path / "id"
+    folder.mkdir()
+    shutil.copy(CASE_005 / f"{leaf}.pem", folder / "svid.pem")
+    shutil.copy(CASE_005 / f"{leaf}.key", folder / "svid.key")
+    shutil.copy(CASE_005 / "bundle.pem", folder / "bundle.pem")
+
+    with pytest.raises(InvalidSvid, match=words):
+        load_identity(folder)
+    with pytest.raises(InvalidSvid, match=words):
+        IdentitySource.from_directory(folder, ca="127.0.0.1:1")
+
+
+def test_loader_accepts_the_one_uri_leaf_of_case_005(tmp_path: Path) -> None:
+    folder = tmp_path / "id"
+    folder.mkdir()
+    shutil.copy(CASE_005 / "svid-one-uri-ok.pem", folder / "svid.pem")
+    shutil.copy(CASE_005 / "svid-one-uri-ok.key", folder / "svid.key")
+    shutil.copy(CASE_005 / "bundle.pem", folder / "bundle.pem")
+
+    assert load_identity(folder).svid.spiffe_id.path == "/workload/api"
